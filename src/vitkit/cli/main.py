@@ -1,0 +1,300 @@
+"""The `vitkit` command: train, eval, predict, info and demo.
+
+Every command takes `--config FILE` (YAML or JSON, keys are the option names); flags given on the
+command line override the file. User errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import MISSING
+from pathlib import Path
+from typing import Any, Callable
+
+from vitkit.errors import VitkitError
+from vitkit.train.config import RECIPES, config_fields, read_config_file
+
+DEFAULT_DEMO_OUT = "runs/demo"
+
+
+# -- value parsers ---------------------------------------------------------------------------
+
+
+def parse_number(text: str) -> float:
+    """A float, also written as a fraction such as 8/255."""
+    try:
+        if "/" in text:
+            num, den = text.split("/")
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (examples: 0.1, 8/255)") from None
+
+
+def list_of(kind: Callable[[str], Any]) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        return [kind(part) for part in text.split(",") if part.strip()]
+
+    return parse
+
+
+def _parser_for(annotation: str) -> Callable[[str], Any] | None:
+    """argparse type for a TrainConfig field annotation (a string, as the module uses postponed annotations)."""
+    base = annotation.replace(" | None", "")
+    return {
+        "int": int,
+        "float": parse_number,
+        "str": str,
+        "list[int]": list_of(int),
+        "list[float]": list_of(parse_number),
+    }.get(base)
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="a named recipe: preset, optimiser, schedule, augmentation")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
+    p.add_argument("--out", default=None, help="run folder (default runs/<data>-<model>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    for f in config_fields():
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        if f.type == "bool":
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            p.add_argument(flag, dest=f.name, type=_parser_for(f.type), default=None, help=help_text)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vitkit.train import TrainConfig, build_config, train
+
+    config_names = {f.name for f in config_fields()}
+    flags = {k: v for k, v in vars(args).items() if k in config_names and v is not None}
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / "config.json").is_file():
+            raise VitkitError(f"{run} is not a vitkit run folder (no config.json): pass the --out folder of a run")
+        saved = read_config_file(run / "config.json")
+        # A resumed run must be the same run: only where it runs may change.
+        changed = {k for k, v in flags.items() if k != "device" and v != saved.get(k)}
+        if changed:
+            raise VitkitError(f"--resume continues the saved configuration; drop the option(s) {sorted(changed)}")
+        cfg = TrainConfig(**{**saved, **{k: v for k, v in flags.items() if k == "device"}})
+        out = run
+    else:
+        cfg = build_config(args.recipe, None, flags)
+        out = Path(args.out or f"runs/{Path(cfg.data).name.split('.')[0]}-{cfg.model}")
+    summary = train(cfg, out, resume=bool(args.resume), progress=not args.quiet)
+    print_summary(summary, out)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from vitkit.data import load_dataset
+    from vitkit.plots import confusion_matrix, plot_confusion_matrix, plot_prediction_grid
+    from vitkit.train import load_model, select_device
+    from vitkit.train.checkpoint import write_json
+    from vitkit.train.evaluate import classification_metrics, predict_dataset
+
+    device = select_device(args.device)
+    model, info = load_model(args.checkpoint, device)
+    source = args.data or info["data"]
+    data = load_dataset(source, args.split, image_size=model.cfg.image_size, root=args.data_root)
+    if data.classes != info["classes"]:
+        raise VitkitError(
+            f"the data's classes {data.classes[:5]}... differ from the checkpoint's {info['classes'][:5]}...: "
+            "evaluate on the data set the model was trained on"
+        )
+    logits, labels = predict_dataset(model, data, info["mean"], info["std"], device, args.batch_size)
+    metrics = classification_metrics(logits, labels, data.classes, prefix=f"{args.split}_")
+    out = Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + f"-eval-{args.split}")
+    out.mkdir(parents=True, exist_ok=True)
+    probs = logits.softmax(1)
+    pred = probs.argmax(1)
+    plot_confusion_matrix(confusion_matrix(labels, pred, len(data.classes)), data.classes, out / "confusion.png")
+    # The sample grid shows the first images and as many mistakes, so both kinds can be checked by eye.
+    wrong = (pred != labels).nonzero().flatten()[: args.samples // 2]
+    right = (pred == labels).nonzero().flatten()[: args.samples - len(wrong)]
+    shown = torch.cat([right, wrong])
+    plot_prediction_grid(
+        data.images[shown], labels[shown].tolist(), pred[shown].tolist(), data.classes, out / "predictions.png",
+        probs=probs[shown, pred[shown]].tolist(),
+    )
+    summary = {"checkpoint": str(args.checkpoint), "data": source, "split": args.split, "images": len(data), **metrics}
+    write_json(out / "summary.json", summary)
+    print_summary({k: v for k, v in summary.items() if "accuracy_" not in k}, out)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from vitkit.data import load_images
+    from vitkit.train import load_model, select_device
+    from vitkit.train.checkpoint import write_json
+
+    device = select_device(args.device)
+    model, info = load_model(args.checkpoint, device)
+    images = load_images(args.images, model.cfg.image_size, model.cfg.in_channels)
+    mean = torch.tensor(info["mean"], device=device)[:, None, None]
+    std = torch.tensor(info["std"], device=device)[:, None, None]
+    with torch.inference_mode():
+        probs = model((images.to(device).float() / 255 - mean) / std).softmax(1).cpu()
+    k = min(args.top_k, probs.shape[1])
+    top_p, top_i = probs.topk(k, dim=1)
+    results = []
+    for path, ps, idx in zip(args.images, top_p.tolist(), top_i.tolist()):
+        ranked = [{"class": info["classes"][i], "probability": p} for p, i in zip(ps, idx)]
+        results.append({"image": str(path), "top": ranked})
+        print(f"{path}: " + ", ".join(f"{r['class']} {r['probability']:.1%}" for r in ranked))
+    if args.out:
+        write_json(Path(args.out) / "summary.json", {"checkpoint": str(args.checkpoint), "predictions": results})
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from vitkit.models import PRESETS, ViTConfig, preset_config
+    from vitkit.models.summary import format_summary, summarize
+    from vitkit.train.checkpoint import write_json
+
+    if args.presets or args.target is None:
+        for name, shape in PRESETS.items():
+            cfg = preset_config(name)
+            print(f"{name:14s} {cfg.image_size}/{cfg.patch_size}  depth {cfg.depth:2d}  width {cfg.dim:4d}  "
+                  f"heads {cfg.heads:2d}  mlp {cfg.mlp_dim}")
+        return 0
+    overrides = {"image_size": args.image_size, "patch_size": args.patch_size, "num_classes": args.num_classes}
+    if args.target in PRESETS:
+        cfg = preset_config(args.target, **overrides)
+    else:
+        from vitkit.train import read_info
+
+        cfg = ViTConfig.from_dict({**read_info(args.target)["model"], **{k: v for k, v in overrides.items() if v}})
+    summary = summarize(cfg, batch_size=args.batch_size)
+    print(format_summary(summary))
+    if args.out:
+        write_json(Path(args.out) / "summary.json", {
+            "parameters": summary.parameters, "tokens": summary.tokens, "macs_per_image": summary.macs_per_image,
+            "activation_bytes_per_image": summary.activation_bytes_per_image, **cfg.to_dict(),
+        })
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on the embedded default: train on digits, evaluate on its test split, report."""
+    from vitkit.train import build_config, train
+
+    out = Path(args.out)
+    cfg = build_config("digits", None, {"device": args.device, "seed": args.seed})
+    summary = train(cfg, out, progress=not args.quiet)
+    eval_args = argparse.Namespace(
+        checkpoint=str(out / "best.safetensors"), data=None, data_root=None, split="test", device=args.device,
+        batch_size=512, samples=32, out=str(out / "eval"),
+    )
+    cmd_eval(eval_args)
+    print_summary(summary, out)
+    return 0
+
+
+def print_summary(summary: dict[str, Any], out: Path) -> None:
+    width = max(len(k) for k in summary)
+    for k, v in summary.items():
+        print(f"  {k:{width}s}  {v:.4f}" if isinstance(v, float) else f"  {k:{width}s}  {v}")
+    print(f"results in {out}/ (summary.json)")
+
+
+# -- the parser ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitkit", description="Train, explain, attack and certify Vision Transformers.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--config", metavar="FILE", help="YAML or JSON file of options; flags override it")
+        p.set_defaults(func=func)
+        return p
+
+    add_train_options(command("train", cmd_train, "train a ViT (from scratch, a recipe, or resume a run)"))
+
+    p = command("eval", cmd_eval, "accuracy, per-class accuracy, confusion matrix and sample predictions")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
+    p.add_argument("--data", help="data source (default: the one the model was trained on)")
+    p.add_argument("--data-root", help="where CIFAR archives live")
+    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--samples", type=int, default=32, help="images in the prediction grid")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="output folder (default: beside the checkpoint)")
+
+    p = command("predict", cmd_predict, "top-k classes with probabilities for image files")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="also write the predictions to OUT/summary.json")
+
+    p = command("info", cmd_info, "parameters, MACs, tokens and activation memory of a preset or checkpoint")
+    p.add_argument("target", nargs="?", help="a preset name or a checkpoint (none: list the presets)")
+    p.add_argument("--presets", action="store_true", help="list the presets")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--patch-size", type=int)
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--batch-size", type=int, default=1, help="batch size for the memory estimate")
+    p.add_argument("--out", help="also write the figures to OUT/summary.json")
+
+    p = command("demo", cmd_demo, "train and evaluate on the embedded digits data (no download)")
+    p.add_argument("--out", default=DEFAULT_DEMO_OUT)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parses twice when --config is given: the file's values become defaults, so flags still win."""
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        values = read_config_file(args.config)
+        sub = parser._subparsers._group_actions[0].choices[args.command]  # the chosen command's parser
+        known = {a.dest for a in sub._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise VitkitError(f"unknown option(s) {unknown} in {args.config}: see `vitkit {args.command} --help`")
+        sub.set_defaults(**values)
+        args = parser.parse_args(argv)
+    return args
+
+
+def _version() -> str:
+    from vitkit import __version__
+
+    return f"vitkit {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parse_args(parser, argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0
+        return args.func(args)
+    except VitkitError as e:
+        print(f"vitkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nvitkit: interrupted; a training run continues with `vitkit train --resume RUN_DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Figures for training reports: learning curves, confusion matrix, a grid of predictions.
+
+Figures are built as `matplotlib.figure.Figure` objects and rendered to PNG by Agg, never through
+pyplot: no global backend is switched, no GUI is needed and no figure outlives its call. Every
+PNG is written to a temporary file beside `path` and renamed over it, so a reader never sees a
+half-written image.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from vitkit.errors import VitkitError
+
+RIGHT, WRONG = "tab:green", "tab:red"
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    finally:
+        fig.clear()  # drop the artists now rather than at garbage collection
+
+
+def plot_learning_curves(history: list[dict], path: str | os.PathLike) -> None:
+    """Loss and accuracy per epoch, train and validation, from the trainer's JSONL rows.
+
+    Rows need `epoch`, `train_loss`, `train_accuracy`; `val_loss`/`val_accuracy` may be missing or
+    None (e.g. no validation split, or validation every few epochs) and are then left out.
+    """
+    if not history:
+        raise VitkitError("the training history is empty: train for at least one epoch before plotting curves")
+    missing = {"epoch", "train_loss", "train_accuracy"} - set(history[0])
+    if missing:
+        raise VitkitError(f"history rows lack {sorted(missing)}: pass the rows of the trainer's metrics JSONL")
+    fig = Figure(figsize=(10, 4))
+    for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy")):
+        for split, style in (("train", "o-"), ("val", "s--")):
+            points = [(r["epoch"], r[f"{split}_{metric}"]) for r in history if r.get(f"{split}_{metric}") is not None]
+            if points:
+                epochs, values = zip(*points)
+                ax.plot(epochs, values, style, markersize=3, label="train" if split == "train" else "validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.set_title(metric.capitalize())
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, path)
+
+
+def confusion_matrix(true: Tensor, pred: Tensor, num_classes: int) -> np.ndarray:
+    """(classes, classes) int64 counts, rows = true class, columns = predicted class."""
+    true, pred = torch.as_tensor(true).long().flatten(), torch.as_tensor(pred).long().flatten()
+    if true.shape != pred.shape:
+        raise VitkitError(f"{true.numel()} true labels but {pred.numel()} predictions: pass one prediction per label")
+    for name, labels in (("true", true), ("predicted", pred)):
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            raise VitkitError(
+                f"{name} labels range over {labels.min()}..{labels.max()} but there are {num_classes} classes: "
+                "pass labels in 0..classes-1"
+            )
+    counts = torch.bincount(true * num_classes + pred, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes).cpu().numpy()
+
+
+def plot_confusion_matrix(
+    confusion: np.ndarray, classes: list[str], path: str | os.PathLike, normalize: bool = True
+) -> None:
+    """Heat map of a confusion matrix (rows true, columns predicted); `normalize` shows row fractions."""
+    confusion = np.asarray(confusion)
+    k = len(classes)
+    if confusion.shape != (k, k):
+        raise VitkitError(f"confusion matrix of shape {confusion.shape} does not match {k} class names")
+    if normalize:
+        # Classes absent from the data have an all-zero row; show zeros there rather than NaN.
+        values = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    else:
+        values = confusion
+    size = min(4 + 0.45 * k, 20)
+    fig = Figure(figsize=(size + 1, size))
+    ax = fig.subplots()
+    im = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalize else None)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Confusion matrix" + (" (row-normalised)" if normalize else ""))
+    if k <= 30:  # beyond that the numbers no longer fit in the cells
+        threshold = values.max() / 2
+        for i in range(k):
+            for j in range(k):
+                text = f"{values[i, j]:.2f}" if normalize else str(int(values[i, j]))
+                ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                        color="white" if values[i, j] > threshold else "black")
+    _save(fig, path)
+
+
+def plot_prediction_grid(
+    images: Tensor,
+    true: Sequence[int],
+    pred: Sequence[int],
+    classes: list[str],
+    path: str | os.PathLike,
+    probs: Sequence[float] | None = None,
+    ncols: int = 8,
+) -> None:
+    """Images in a grid, each titled "pred (p%) / true", green when right and red when wrong.
+
+    images: (N, C, H, W), uint8 or float in [0, 1], with C = 1 (shown in grey) or 3.
+    probs: the probability of each predicted class, shown as a percentage when given.
+    """
+    images = torch.as_tensor(images).detach().cpu()
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise VitkitError(f"expected images of shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
+    n = images.shape[0]
+    if n == 0:
+        raise VitkitError("no images to plot: pass at least one image")
+    if len(true) != n or len(pred) != n or (probs is not None and len(probs) != n):
+        raise VitkitError(f"{n} images need as many true labels, predictions and probabilities")
+    labels = [int(label) for label in (*true, *pred)]
+    if min(labels) < 0 or max(labels) >= len(classes):
+        raise VitkitError(f"labels range over {min(labels)}..{max(labels)} but there are {len(classes)} class names")
+    pixels = images.float() / 255 if images.dtype == torch.uint8 else images.float().clamp(0, 1)
+    pixels = pixels.permute(0, 2, 3, 1).numpy()
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    fig = Figure(figsize=(1.6 * ncols, 1.8 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for i, ax in enumerate(axes):
+        ax.axis("off")
+        if i >= n:
+            continue
+        t, p = int(true[i]), int(pred[i])
+        if pixels.shape[-1] == 1:
+            ax.imshow(pixels[i, ..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        else:
+            ax.imshow(pixels[i], interpolation="nearest")
+        confidence = f" ({100 * float(probs[i]):.0f}%)" if probs is not None else ""
+        ax.set_title(f"{classes[p]}{confidence} / {classes[t]}", fontsize=8, color=RIGHT if p == t else WRONG)
+    _save(fig, path)

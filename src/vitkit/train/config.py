@@ -1,0 +1,151 @@
+"""The training configuration: one dataclass, named recipes, and the merge order
+defaults < recipe < config file < command-line flags."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from vitkit.errors import VitkitError
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved as config.json in the run folder."""
+
+    # data
+    data: str = _opt("digits", "data set: digits, cifar10, cifar100, an ImageFolder directory or a .tar.gz of one")
+    data_root: str | None = _opt(None, "where CIFAR archives live (default ~/.cache/vitkit/datasets or $VITKIT_DATA)")
+    download: bool = _opt(False, "download CIFAR when it is missing (checksum verified)")
+    image_size: int | None = _opt(None, "resize ImageFolder images to this size (default: the model's)")
+    val_fraction: float = _opt(0.1, "share of the training split held out for validation (seed 003: 0.1)")
+    # model
+    model: str = _opt("vit_digits", "model preset (see `vitkit info --presets`)")
+    patch_size: int | None = _opt(None, "override the preset's patch size")
+    pos_embed: str | None = _opt(None, "position embeddings: learned, sincos1d, sincos2d")
+    pool: str | None = _opt(None, "head input: cls (class token) or mean (mean of patch tokens)")
+    dropout: float | None = _opt(None, "dropout rate")
+    drop_path: float | None = _opt(None, "stochastic depth rate of the last block")
+    # optimisation
+    epochs: int = _opt(60, "training epochs")
+    batch_size: int = _opt(128, "batch size")
+    optimizer: str = _opt("adamw", "adamw or sgd")
+    lr: float = _opt(1e-3, "peak learning rate")
+    weight_decay: float = _opt(0.05, "weight decay (not applied to norms, biases and embeddings)")
+    momentum: float = _opt(0.9, "SGD momentum (Nesterov)")
+    schedule: str = _opt("cosine", "cosine (after warmup), step, multistep or constant")
+    warmup_epochs: float = _opt(5.0, "linear warmup length in epochs")
+    step_size: int = _opt(10, "step schedule: epochs between decays (seed 000: 10)")
+    milestones: list[int] = _opt((100, 150), "multistep schedule: epochs of decay (seed 003: 100,150)")
+    gamma: float = _opt(0.1, "decay factor of the step and multistep schedules")
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy")
+    grad_clip: float = _opt(0.0, "clip the gradient norm to this value (0: off)")
+    ema: float = _opt(0.0, "decay of an exponential moving average of the weights (0: off; e.g. 0.999)")
+    bf16: bool = _opt(True, "bfloat16 autocast on CUDA (ignored on CPU)")
+    compile: bool = _opt(False, "torch.compile the model")
+    # augmentation (batched on the device)
+    hflip: float = _opt(0.0, "horizontal flip probability")
+    crop_padding: int = _opt(0, "random crop with this padding (0: off)")
+    resized_crop_scale: list[float] | None = _opt(None, "RandomResizedCrop area range, e.g. 0.8,1.0")
+    resized_crop_ratio: list[float] = _opt((0.75, 4 / 3), "RandomResizedCrop aspect-ratio range (seed 003: 0.9,1.1)")
+    trivial_augment: bool = _opt(False, "TrivialAugment: one random op of random strength per image")
+    random_erasing: float = _opt(0.0, "random erasing probability")
+    mixup: float = _opt(0.0, "mixup alpha (0: off)")
+    cutmix: float = _opt(0.0, "cutmix alpha (0: off)")
+    # run
+    seed: int = _opt(0, "random seed (data order, augmentation, initialisation)")
+    device: str = _opt("auto", "cuda, mps, cpu or auto")
+    eval_batch_size: int = _opt(512, "batch size for validation and test")
+    log_every: int = _opt(0, "progress-bar refresh in steps (0: automatic)")
+
+    def __post_init__(self) -> None:
+        self.milestones = [int(m) for m in self.milestones]
+        self.resized_crop_ratio = [float(r) for r in self.resized_crop_ratio]
+        if self.resized_crop_scale is not None:
+            self.resized_crop_scale = [float(s) for s in self.resized_crop_scale]
+        checks = [
+            (self.epochs > 0, "--epochs must be positive"),
+            (self.batch_size > 0, "--batch-size must be positive"),
+            (self.lr > 0, "--lr must be positive"),
+            (0 <= self.val_fraction < 1, "--val-fraction must lie in [0, 1)"),
+            (self.optimizer in ("adamw", "sgd"), f"unknown optimizer {self.optimizer!r}: use adamw or sgd"),
+            (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}"),
+            (0 <= self.ema < 1, "--ema must lie in [0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise VitkitError(message)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SCHEDULES = ("cosine", "step", "multistep", "constant")
+
+# Named recipes: documented sets of overrides of the defaults above.
+RECIPES: dict[str, dict[str, Any]] = {
+    # The embedded default: scikit-learn's 8×8 digits, a few minutes on a laptop CPU.
+    "digits": dict(
+        data="digits", model="vit_digits", epochs=60, batch_size=64, lr=2e-3, weight_decay=0.05,
+        warmup_epochs=3, crop_padding=1, label_smoothing=0.1, val_fraction=0.1,
+    ),
+    # Seed 003's set-up: CIFAR-10, flip + RandomResizedCrop(0.8-1.0, 0.9-1.1), MultiStepLR(100, 150).
+    "cifar10-seed003": dict(
+        data="cifar10", model="vit_tiny_32", epochs=200, batch_size=128, optimizer="adamw", lr=1e-3,
+        weight_decay=0.0, schedule="multistep", milestones=[100, 150], gamma=0.1, warmup_epochs=0,
+        hflip=0.5, resized_crop_scale=[0.8, 1.0], resized_crop_ratio=[0.9, 1.1],
+    ),
+    # Seed 000's smoothing recipe for the base model: SGD lr 0.01, wd 5e-4, x0.1 every 10 epochs, batch 128.
+    "cifar10-seed000": dict(
+        data="cifar10", model="vit_tiny_32", epochs=30, batch_size=128, optimizer="sgd", lr=0.01,
+        weight_decay=5e-4, schedule="step", step_size=10, gamma=0.1, warmup_epochs=0, hflip=0.5, crop_padding=4,
+    ),
+}
+
+
+def config_fields() -> list:
+    return list(fields(TrainConfig))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML or JSON mapping of TrainConfig fields (dashes or underscores)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VitkitError(f"config file {path} does not exist: check the path given to --config")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # a parse error is the user's file, not our bug
+        raise VitkitError(f"cannot parse config file {path}: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise VitkitError(f"config file {path} must hold a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(recipe: str | None = None, file_values: dict | None = None, flag_values: dict | None = None) -> TrainConfig:
+    """defaults < recipe < config file < flags; unknown keys are an error naming the known ones."""
+    values: dict[str, Any] = {}
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise VitkitError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+        values.update(RECIPES[recipe])
+    for source in (file_values or {}, flag_values or {}):
+        known = {f.name for f in fields(TrainConfig)}
+        unknown = sorted(set(source) - known - {"recipe"})
+        if unknown:
+            raise VitkitError(f"unknown training option(s) {unknown}: see `vitkit train --help`")
+        values.update({k: v for k, v in source.items() if k != "recipe"})
+    return TrainConfig(**values)

@@ -1,0 +1,59 @@
+"""Batched inference over a data set and the classification figures derived from it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitkit.data import DeviceLoader, ImageDataset
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bfloat16 autocast on CUDA when asked; a no-op elsewhere (CPU bf16 is slower than float32 here)."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, loader: DeviceLoader, device: torch.device, bf16: bool = False) -> tuple[Tensor, Tensor]:
+    """Logits (N, classes) in float32 and labels (N,), both on the CPU, in the loader's order."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for x, y in loader:
+        with autocast(device, bf16):
+            out = model(x)
+        logits.append(out.float())
+        labels.append(y)
+    model.train(was_training)
+    return torch.cat(logits).cpu(), torch.cat(labels).cpu()
+
+
+def predict_dataset(
+    model: nn.Module, dataset: ImageDataset, mean: Sequence[float], std: Sequence[float],
+    device: torch.device, batch_size: int = 512, bf16: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Logits and labels of every image of `dataset`, unaugmented, in order."""
+    loader = DeviceLoader(dataset, batch_size, mean=mean, std=std, device=device)
+    return predict_logits(model, loader, device, bf16)
+
+
+def classification_metrics(logits: Tensor, labels: Tensor, classes: Sequence[str], prefix: str = "") -> dict[str, float]:
+    """Flat figures: loss, accuracy (a fraction) and the accuracy of each class."""
+    pred = logits.argmax(1)
+    correct = (pred == labels).float()
+    per_class_total = torch.bincount(labels, minlength=len(classes)).float()
+    per_class_correct = torch.bincount(labels, weights=correct, minlength=len(classes))
+    metrics = {
+        f"{prefix}loss": F.cross_entropy(logits, labels).item(),
+        f"{prefix}accuracy": correct.mean().item(),
+    }
+    for name, hit, total in zip(classes, per_class_correct.tolist(), per_class_total.tolist()):
+        if total:
+            metrics[f"{prefix}accuracy_{name}"] = hit / total
+    return metrics

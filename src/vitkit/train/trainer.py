@@ -1,0 +1,306 @@
+"""The training loop: data on the device, one optimiser step per batch, a checkpoint per epoch.
+
+A run folder holds:
+    config.json        the TrainConfig (what `--resume` reads back)
+    last.safetensors   weights after the latest epoch (EMA weights when EMA is on), config in metadata
+    best.safetensors   the same, for the epoch with the best validation accuracy
+    state.pt           optimiser, scheduler, RNG and loop state, for an exact resume
+    history.jsonl      one line of figures per epoch
+    curves.png         loss and accuracy per epoch
+    summary.json       final figures (test_accuracy, ...) once training has finished
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vitkit.data import Augment, AugmentConfig, DeviceLoader, ImageDataset, channel_stats, load_dataset, train_val_split
+from vitkit.errors import VitkitError
+from vitkit.models import VisionTransformer, num_parameters, preset_config
+from vitkit.plots import plot_learning_curves
+from vitkit.train.checkpoint import load_model, load_state, load_weights, save_model, save_state, write_json
+from vitkit.train.config import TrainConfig
+from vitkit.train.evaluate import autocast, classification_metrics, predict_dataset
+from vitkit.train.optim import EMA, build_optimizer, build_scheduler
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """cuda, mps or cpu; `auto` picks the first available in that order."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise VitkitError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise VitkitError("--device mps was asked for but MPS is not available: use --device cpu or auto")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise VitkitError(f"unknown device {name!r}: use cuda, mps, cpu or auto")
+    return torch.device(name)
+
+
+@dataclass
+class DataSplits:
+    train: ImageDataset
+    val: ImageDataset | None
+    test: ImageDataset | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def prepare_data(cfg: TrainConfig, image_size: int | None) -> DataSplits:
+    """Train/validation/test splits (the test split where the source has one) and training-set statistics."""
+    kwargs = dict(image_size=image_size, root=cfg.data_root, download=cfg.download)
+    full_train = load_dataset(cfg.data, "train", **kwargs)
+    try:
+        test = load_dataset(cfg.data, "test", **kwargs)
+    except VitkitError:
+        test = None  # an ImageFolder without a test/ folder: validation is all there is
+    train, val = train_val_split(full_train, cfg.val_fraction, seed=cfg.seed)
+    mean, std = channel_stats(train)
+    return DataSplits(train, val if len(val) else None, test, mean, std)
+
+
+def build_model(cfg: TrainConfig, data: ImageDataset) -> VisionTransformer:
+    """The preset, with the data set's classes, channels and image size."""
+    model_cfg = preset_config(
+        cfg.model,
+        num_classes=data.num_classes,
+        in_channels=data.channels,
+        image_size=data.image_size[0],
+        patch_size=cfg.patch_size,
+        pos_embed=cfg.pos_embed,
+        pool=cfg.pool,
+        dropout=cfg.dropout,
+        drop_path=cfg.drop_path,
+    )
+    if data.image_size[0] != data.image_size[1]:
+        raise VitkitError(f"images of {data.image_size[0]}×{data.image_size[1]} are not square: pass --image-size")
+    return VisionTransformer(model_cfg)
+
+
+def augment_config(cfg: TrainConfig) -> AugmentConfig:
+    return AugmentConfig(
+        hflip=cfg.hflip,
+        crop_padding=cfg.crop_padding,
+        resized_crop_scale=tuple(cfg.resized_crop_scale) if cfg.resized_crop_scale else None,
+        resized_crop_ratio=tuple(cfg.resized_crop_ratio),
+        trivial_augment=cfg.trivial_augment,
+        random_erasing=cfg.random_erasing,
+        mixup_alpha=cfg.mixup,
+        cutmix_alpha=cfg.cutmix,
+    )
+
+
+class Trainer:
+    """Owns a run folder; `fit()` trains (or resumes) to the last epoch and writes the summary."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: str | Path, progress: bool = True):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.progress = progress
+        self.device = select_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+
+        # ImageFolder sources are resized to the preset's size unless told otherwise.
+        preset_size = preset_config(cfg.model).image_size
+        data_is_builtin = cfg.data in ("digits", "cifar10", "cifar100")
+        self.data = prepare_data(cfg, cfg.image_size or (None if data_is_builtin else preset_size))
+        self.model = build_model(cfg, self.data.train).to(self.device)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+
+        self.train_loader = DeviceLoader(
+            self.data.train, cfg.batch_size, mean=self.data.mean, std=self.data.std, device=self.device,
+            shuffle=True, drop_last=len(self.data.train) >= 2 * cfg.batch_size,
+            augment=Augment(augment_config(cfg), self.data.train.num_classes), seed=cfg.seed,
+        )
+        if cfg.batch_size > len(self.data.train):
+            raise VitkitError(f"{len(self.data.train)} training images are fewer than one batch: lower --batch-size")
+        self.optimizer = build_optimizer(self.model, cfg, self.device)
+        self.scheduler = build_scheduler(self.optimizer, len(self.train_loader), cfg)
+        self.ema = EMA(self.model, cfg.ema) if cfg.ema > 0 else None
+        self.epoch = 0  # epochs completed
+        self.best_score = (-1.0, 0.0)
+        self.best_epoch = 0
+        self.history: list[dict[str, Any]] = []
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def model_info(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """What a checkpoint needs to be used on its own: model shape, classes, normalisation."""
+        return {
+            "model": self.model.cfg.to_dict(),
+            "classes": self.data.train.classes,
+            "mean": list(self.data.mean),
+            "std": list(self.data.std),
+            "data": self.cfg.data,
+            "preset": self.cfg.model,
+            "epoch": self.epoch,
+            "metrics": metrics,
+        }
+
+    def eval_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.ema.shadow if self.ema else self.model.state_dict()
+
+    def save(self, metrics: dict[str, Any], is_best: bool) -> None:
+        # The state file goes first: the weights files are what users read, the state is what resume reads.
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        save_state(self.out / "state.pt", {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "ema": self.ema.shadow if self.ema else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+            "best_score": torch.tensor(self.best_score, dtype=torch.float64),
+            "best_epoch": self.best_epoch,
+            "history": json.dumps(self.history),
+        })
+        info = self.model_info(metrics)
+        save_model(self.out / "last.safetensors", self.eval_state_dict(), info)
+        if is_best:
+            save_model(self.out / "best.safetensors", self.eval_state_dict(), info)
+        (self.out / "history.jsonl").write_text("".join(json.dumps(row) + "\n" for row in self.history))
+
+    def restore(self) -> None:
+        state = load_state(self.out / "state.pt")
+        load_weights(self.model, state["model"], str(self.out / "state.pt"))
+        if self.ema and state["ema"] is not None:
+            self.ema.shadow = {k: v.to(self.device) for k, v in state["ema"].items()}
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.epoch = state["epoch"]
+        self.best_score = tuple(state["best_score"].tolist())
+        self.best_epoch = state["best_epoch"]
+        self.history = json.loads(state["history"])
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def train_epoch(self) -> dict[str, float]:
+        cfg, loader = self.cfg, self.train_loader
+        loader.set_epoch(self.epoch)
+        self.model.train()
+        # Sums stay on the device: no host synchronisation per step.
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        seen = 0
+        start = time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not self.progress, leave=False)
+        refresh = cfg.log_every or max(1, len(loader) // 10)
+        for step, (x, y) in enumerate(bar):
+            with autocast(self.device, cfg.bf16):
+                logits = self.forward(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            if self.ema:
+                self.ema.update(self.model)
+            hard = y if y.ndim == 1 else y.argmax(1)  # mixup/cutmix give soft targets
+            loss_sum += loss.detach() * len(x)
+            correct += (logits.argmax(1) == hard).sum()
+            seen += len(x)
+            if step % refresh == 0 and self.progress:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        train_loss = (loss_sum / seen).item()
+        elapsed = time.perf_counter() - start
+        if not torch.isfinite(torch.tensor(train_loss)):
+            raise VitkitError(
+                f"the training loss became {train_loss} in epoch {self.epoch + 1}: lower --lr, set --grad-clip 1.0, "
+                f"or resume from the last good epoch ({self.epoch}) with `vitkit train --resume {self.out}`"
+            )
+        return {
+            "train_loss": train_loss,
+            "train_accuracy": (correct / seen).item(),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "epoch_seconds": elapsed,
+            "images_per_second": seen / elapsed,
+        }
+
+    def evaluation_model(self) -> VisionTransformer:
+        if not self.ema:
+            return self.model
+        model = VisionTransformer(self.model.cfg).to(self.device)
+        model.load_state_dict(self.ema.shadow)
+        return model
+
+    def validate(self) -> dict[str, float]:
+        if self.data.val is None:
+            return {}
+        logits, labels = predict_dataset(
+            self.evaluation_model(), self.data.val, self.data.mean, self.data.std, self.device,
+            self.cfg.eval_batch_size, self.cfg.bf16,
+        )
+        m = classification_metrics(logits, labels, self.data.val.classes, prefix="val_")
+        return {"val_loss": m["val_loss"], "val_accuracy": m["val_accuracy"]}
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.restore()
+        else:
+            write_json(self.out / "config.json", self.cfg.to_dict())
+        started = time.perf_counter()
+        while self.epoch < self.cfg.epochs:
+            row = {"epoch": self.epoch + 1, **self.train_epoch(), **self.validate()}
+            self.epoch += 1
+            self.history.append(row)
+            # Best by validation accuracy; among equals, by lower validation loss.
+            score = (row.get("val_accuracy", row["train_accuracy"]), -row.get("val_loss", row["train_loss"]))
+            is_best = score > self.best_score
+            if is_best:
+                self.best_score, self.best_epoch = score, self.epoch
+            self.save({k: v for k, v in row.items() if "accuracy" in k or "loss" in k}, is_best)
+            if self.progress:
+                shown = " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch")
+                tqdm.write(f"epoch {self.epoch}/{self.cfg.epochs} {shown}")
+        plot_learning_curves(self.history, self.out / "curves.png")
+        return self.finish(time.perf_counter() - started)
+
+    def finish(self, seconds: float) -> dict[str, Any]:
+        """Evaluates the best checkpoint on validation and test data and writes summary.json."""
+        model, _ = load_model(self.out / "best.safetensors", self.device)
+        summary: dict[str, Any] = {
+            "data": self.cfg.data,
+            "model": self.cfg.model,
+            "parameters": num_parameters(model),
+            "device": str(self.device),
+            "epochs": self.cfg.epochs,
+            "best_epoch": self.best_epoch,
+            "train_seconds_this_session": round(seconds, 2),
+            "train_images_per_second": self.history[-1]["images_per_second"],
+        }
+        for split, data in (("val", self.data.val), ("test", self.data.test)):
+            if data is not None:
+                logits, labels = predict_dataset(
+                    model, data, self.data.mean, self.data.std, self.device, self.cfg.eval_batch_size, self.cfg.bf16
+                )
+                m = classification_metrics(logits, labels, data.classes, prefix=f"{split}_")
+                summary[f"{split}_accuracy"] = m[f"{split}_accuracy"]
+                summary[f"{split}_loss"] = m[f"{split}_loss"]
+        summary["checkpoint"] = str(self.out / "best.safetensors")
+        write_json(self.out / "summary.json", summary)
+        return summary
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Trains `cfg` into `out_dir` (or resumes the run there) and returns the summary."""
+    return Trainer(cfg, out_dir, progress).fit(resume)

@@ -1,0 +1,82 @@
+"""End-to-end training on the embedded digits: resume equality, NaN handling, the run folder."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vitkit.errors import VitkitError
+from vitkit.train import TrainConfig, Trainer, train
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    # Dropout, stochastic depth, mixup and EMA all draw random numbers: resume must restore every source.
+    base = dict(data="digits", model="vit_digits", epochs=3, batch_size=128, lr=2e-3, warmup_epochs=1,
+                crop_padding=1, dropout=0.1, drop_path=0.1, mixup=0.2, ema=0.9, device="cpu")
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    train(tiny_config(), straight, progress=False)
+
+    stopped = tmp_path / "stopped"
+    calls = {"n": 0}
+    original = Trainer.train_epoch
+
+    def stop_in_second_epoch(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", stop_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(), stopped, progress=False)
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    assert json.loads((stopped / "history.jsonl").read_text().splitlines()[-1])["epoch"] == 1
+    train(tiny_config(), stopped, resume=True, progress=False)
+
+    a, b = load_file(straight / "last.safetensors"), load_file(stopped / "last.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    history_a = [json.loads(l) for l in (straight / "history.jsonl").read_text().splitlines()]
+    history_b = [json.loads(l) for l in (stopped / "history.jsonl").read_text().splitlines()]
+    assert [r["train_loss"] for r in history_a] == [r["train_loss"] for r in history_b]
+
+
+def test_run_folder_and_summary(tmp_path):
+    summary = train(tiny_config(epochs=2, mixup=0.0, ema=0.0), tmp_path, progress=False)
+    for name in ("config.json", "last.safetensors", "best.safetensors", "state.pt", "history.jsonl", "curves.png",
+                 "summary.json"):
+        assert (tmp_path / name).is_file(), name
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    assert 0.0 <= saved["test_accuracy"] <= 1.0 and 0.0 <= saved["val_accuracy"] <= 1.0
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_nan_loss_stops_with_advice_and_keeps_the_last_good_epoch(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(epochs=3, mixup=0.0, ema=0.0), tmp_path, progress=False)
+    original = trainer.train_epoch
+    calls = {"n": 0}
+
+    def poison():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with torch.no_grad():
+                trainer.model.head.weight.fill_(float("nan"))
+        return original()
+
+    trainer.train_epoch = poison
+    with pytest.raises(VitkitError, match="--lr"):
+        trainer.fit()
+    weights = load_file(tmp_path / "last.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert len((tmp_path / "history.jsonl").read_text().splitlines()) == 1
+
+
+def test_fewer_images_than_a_batch_is_a_user_error(tmp_path):
+    with pytest.raises(VitkitError, match="batch"):
+        Trainer(tiny_config(batch_size=100_000), tmp_path, progress=False)
