@@ -28,6 +28,10 @@ class TrainConfig:
     # model
     model: str = _opt("vit_digits", "model preset (see `vitkit info --presets`)")
     patch_size: int | None = _opt(None, "override the preset's patch size")
+    dim: int | None = _opt(None, "override the preset's width")
+    depth: int | None = _opt(None, "override the preset's number of blocks")
+    heads: int | None = _opt(None, "override the preset's attention heads")
+    mlp_dim: int | None = _opt(None, "override the preset's MLP hidden width")
     pos_embed: str | None = _opt(None, "position embeddings: learned, sincos1d, sincos2d")
     pool: str | None = _opt(None, "head input: cls (class token) or mean (mean of patch tokens)")
     dropout: float | None = _opt(None, "dropout rate")
@@ -90,10 +94,11 @@ SCHEDULES = ("cosine", "step", "multistep", "constant")
 
 # Named recipes: documented sets of overrides of the defaults above.
 RECIPES: dict[str, dict[str, Any]] = {
-    # The embedded default: scikit-learn's 8×8 digits, a few minutes on a laptop CPU.
+    # The embedded default: scikit-learn's 8×8 digits, under a minute on a 2-core CPU. Measured choices:
+    # mixup beats pixel shifts here (a 1-pixel crop moves an 8-pixel digit by 12%), lr 5e-4 beats 2e-3.
     "digits": dict(
-        data="digits", model="vit_digits", epochs=60, batch_size=64, lr=2e-3, weight_decay=0.05,
-        warmup_epochs=3, crop_padding=1, label_smoothing=0.1, val_fraction=0.1,
+        data="digits", model="vit_digits", epochs=60, batch_size=64, lr=5e-4, weight_decay=0.1,
+        warmup_epochs=3, mixup=0.2, label_smoothing=0.1, val_fraction=0.1,
     ),
     # Seed 003's set-up: CIFAR-10, flip + RandomResizedCrop(0.8-1.0, 0.9-1.1), MultiStepLR(100, 150).
     "cifar10-seed003": dict(
