@@ -118,3 +118,12 @@ def test_predict_on_a_corrupt_image(trained_run, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"garbage")
     result = run_cli("predict", trained_run, tmp_path / "broken.png", "--device", "cpu")
     assert result.returncode == 2 and "broken.png" in result.stderr
+
+
+def test_demo_reaches_the_promised_accuracy(tmp_path):
+    """What `make demo` promises: digits test accuracy of at least 0.97, everything in the run folder."""
+    assert main(["demo", "--out", str(tmp_path), "--device", "cpu", "--quiet"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["test_accuracy"] >= 0.97, summary
+    evaluated = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert evaluated["test_accuracy"] == summary["test_accuracy"]
