@@ -155,3 +155,40 @@ def plot_prediction_grid(
         confidence = f" ({100 * float(probs[i]):.0f}%)" if probs is not None else ""
         ax.set_title(f"{classes[p]}{confidence} / {classes[t]}", fontsize=8, color=RIGHT if p == t else WRONG)
     _save(fig, path)
+
+
+def plot_explanations(
+    images: Tensor, maps: Tensor, titles: Sequence[str], correct: Sequence[bool], path: str | os.PathLike
+) -> None:
+    """Seed 003's figure, one row per image: the image, the relevance heat-map over it, and the image
+    darkened where the relevance is low. maps: (N, H, W) in [0, 1]."""
+    pixels = images.float() / 255 if images.dtype == torch.uint8 else images.float().clamp(0, 1)
+    pixels = pixels.detach().cpu().permute(0, 2, 3, 1).expand(-1, -1, -1, 3).numpy()
+    heat = maps.detach().cpu().float().numpy()
+    n = len(pixels)
+    fig = Figure(figsize=(5.4, 1.9 * n))
+    axes = fig.subplots(n, 3, squeeze=False)
+    for i in range(n):
+        panels = (pixels[i], pixels[i], pixels[i] * heat[i][..., None])
+        for j, (ax, panel) in enumerate(zip(axes[i], panels)):
+            ax.imshow(panel, interpolation="nearest")
+            if j == 1:
+                ax.imshow(heat[i], cmap="jet", alpha=0.5, vmin=0, vmax=1, interpolation="bilinear")
+            ax.axis("off")
+        axes[i, 0].set_title(titles[i], fontsize=8, color=RIGHT if correct[i] else WRONG, loc="left")
+    _save(fig, path)
+
+
+def plot_deletion_insertion(curves: dict[str, dict[str, np.ndarray]], path: str | os.PathLike) -> None:
+    """curves[method]["deletion"|"insertion"]: mean probability of the predicted class per step."""
+    fig = Figure(figsize=(9, 3.5))
+    axes = fig.subplots(1, 2)
+    for ax, kind in zip(axes, ("deletion", "insertion")):
+        for method, c in curves.items():
+            y = np.asarray(c[kind])
+            ax.plot(np.linspace(0, 1, len(y)), y, marker=".", label=method)
+        ax.set(title=f"{kind} (patches {'removed' if kind == 'deletion' else 'revealed'} by relevance)",
+               xlabel="fraction of patches", ylabel="probability of predicted class")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, path)

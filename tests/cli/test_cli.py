@@ -9,7 +9,7 @@ from PIL import Image
 
 from vitkit.cli.main import main
 
-COMMANDS = ("train", "eval", "predict", "info", "demo")
+COMMANDS = ("train", "eval", "predict", "info", "explain", "demo")
 
 
 def run_cli(*args):
@@ -127,3 +127,14 @@ def test_demo_reaches_the_promised_accuracy(tmp_path):
     assert summary["test_accuracy"] >= 0.97, summary
     evaluated = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert evaluated["test_accuracy"] == summary["test_accuracy"]
+
+
+def test_explain_draws_maps_and_scores_them(trained_run, tmp_path):
+    assert main(["explain", str(trained_run), "--n", "4", "--evaluate", "--n-eval", "40", "--steps", "4",
+                 "--device", "cpu", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for method in ("rollout", "grad_rollout", "random"):
+        assert 0 <= summary[f"{method}_deletion_auc"] <= 1 and 0 <= summary[f"{method}_insertion_auc"] <= 1
+    assert summary["images_evaluated"] == 40
+    for name in ("rollout.png", "deletion_insertion.png"):
+        assert Image.open(tmp_path / name).size[0] > 100

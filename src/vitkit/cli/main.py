@@ -1,4 +1,4 @@
-"""The `vitkit` command: train, eval, predict, info and demo.
+"""The `vitkit` command: train, eval, predict, info, explain and demo.
 
 Every command takes `--config FILE` (YAML or JSON, keys are the option names); flags given on the
 command line override the file. User errors print one line and exit with status 2.
@@ -186,6 +186,77 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Relevance maps for images or a data set, and with --evaluate the deletion/insertion check."""
+    import torch
+
+    from vitkit.data import ImageDataset, load_dataset, load_images
+    from vitkit.explain import patch_relevance, relevance_to_image
+    from vitkit.explain.evaluate import area_under, deletion_insertion_curves
+    from vitkit.plots import plot_deletion_insertion, plot_explanations
+    from vitkit.train import load_model, select_device
+    from vitkit.train.checkpoint import write_json
+
+    device = select_device(args.device)
+    model, info = load_model(args.checkpoint, device)
+    cfg = model.cfg
+    if args.images:
+        images = load_images(args.images, cfg.image_size, cfg.in_channels)
+        data = ImageDataset(images, torch.full((len(images),), -1), info["classes"], "files")
+    else:
+        data = load_dataset(args.data or info["data"], args.split, image_size=cfg.image_size, root=args.data_root)
+    mean = torch.tensor(info["mean"], device=device)[:, None, None]
+    std = torch.tensor(info["std"], device=device)[:, None, None]
+    options = dict(head_fusion=args.head_fusion, discard_ratio=args.discard_ratio, start_layer=args.start_layer,
+                   residual=args.residual)
+
+    def normalise(batch: torch.Tensor) -> torch.Tensor:
+        return (batch.to(device).float() / 255 - mean) / std
+
+    def relevance(x: torch.Tensor, method: str) -> torch.Tensor:
+        if method == "random":
+            return torch.rand(x.shape[0], cfg.num_patches, device=device)
+        return patch_relevance(model, x, method, **(options if method == "rollout" else {}))
+
+    out = Path(args.out)
+    shown = min(args.n, len(data))
+    x = normalise(data.images[:shown])
+    with torch.no_grad():
+        probs = model(x).softmax(1)
+    pred = probs.argmax(1).cpu()
+    maps = relevance_to_image(relevance(x, args.method), (cfg.grid_size,) * 2, (cfg.image_size,) * 2)
+    labels = data.labels[:shown]
+    titles = [
+        f"pred {info['classes'][p]} ({probs[i, p]:.0%})" + (f" / true {info['classes'][t]}" if t >= 0 else "")
+        for i, (p, t) in enumerate(zip(pred.tolist(), labels.tolist()))
+    ]
+    plot_explanations(data.images[:shown], maps, titles, [t < 0 or p == t for p, t in zip(pred, labels)],
+                      out / f"{args.method}.png")
+    summary: dict[str, Any] = {"checkpoint": str(args.checkpoint), "method": args.method, "images_shown": shown}
+    if args.evaluate:
+        torch.manual_seed(args.seed)  # the random baseline's order
+        n_eval = min(args.n_eval, len(data))
+        curves: dict[str, dict] = {}
+        for method in ("rollout", "grad_rollout", "random"):
+            sums = None
+            for start in range(0, n_eval, args.batch_size):
+                xb = normalise(data.images[start : min(start + args.batch_size, n_eval)])
+                c = deletion_insertion_curves(model, xb, relevance(xb, method), args.steps)
+                batch_sums = {k: v.sum(0) for k, v in c.items()}
+                sums = batch_sums if sums is None else {k: sums[k] + batch_sums[k] for k in sums}
+            mean_curves = {k: v / n_eval for k, v in sums.items()}
+            curves[method] = {"deletion": mean_curves["deletion_prob"].cpu().numpy(),
+                              "insertion": mean_curves["insertion_prob"].cpu().numpy()}
+            for kind in ("deletion", "insertion"):
+                summary[f"{method}_{kind}_auc"] = area_under(mean_curves[f"{kind}_prob"])
+                summary[f"{method}_{kind}_agreement_auc"] = area_under(mean_curves[f"{kind}_kept"])
+        summary["images_evaluated"] = n_eval
+        plot_deletion_insertion(curves, out / "deletion_insertion.png")
+    write_json(out / "summary.json", summary)
+    print_summary(summary, out)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the embedded default: train on digits, evaluate on its test split, report."""
     from vitkit.train import build_config, train
@@ -250,6 +321,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int)
     p.add_argument("--batch-size", type=int, default=1, help="batch size for the memory estimate")
     p.add_argument("--out", help="also write the figures to OUT/summary.json")
+
+    p = command("explain", cmd_explain, "attention-rollout maps, and a deletion/insertion check of their quality")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
+    p.add_argument("images", nargs="*", help="image files (default: the first --n images of --data)")
+    p.add_argument("--data", help="data source (default: the one the model was trained on)")
+    p.add_argument("--data-root", help="where CIFAR archives live")
+    p.add_argument("--split", default="test")
+    p.add_argument("--n", type=int, default=16, help="images in the figure")
+    p.add_argument("--method", default="rollout", choices=["rollout", "grad_rollout"])
+    p.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"])
+    p.add_argument("--discard-ratio", type=float, default=0.0, help="share of lowest attentions zeroed per image")
+    p.add_argument("--start-layer", type=int, default=0)
+    p.add_argument("--residual", default="normalized", choices=["normalized", "seed"],
+                   help="normalized: rows of A+I sum to 1 (Abnar & Zuidema); seed: seed 003's raw product")
+    p.add_argument("--evaluate", action="store_true", help="deletion and insertion AUC against a random order")
+    p.add_argument("--n-eval", type=int, default=1000, help="images for --evaluate")
+    p.add_argument("--steps", type=int, default=16, help="points on each deletion/insertion curve")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/explain")
 
     p = command("demo", cmd_demo, "train and evaluate on the embedded digits data (no download)")
     p.add_argument("--out", default=DEFAULT_DEMO_OUT)

@@ -1,0 +1,38 @@
+import torch
+
+from vitkit.explain.evaluate import area_under, deletion_insertion_curves, patch_mask
+from vitkit.models import ViTConfig, VisionTransformer
+
+
+def test_patch_mask_shows_the_first_patches_of_each_order():
+    order = torch.stack([torch.randperm(9) for _ in range(4)])
+    mask = patch_mask(order, 4, grid=3, patch=2)
+    assert mask.shape == (4, 1, 6, 6)
+    for b in range(4):
+        for p in range(9):
+            r, c = divmod(p, 3)
+            block = mask[b, 0, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2]
+            expected = 1.0 if p in order[b, :4].tolist() else 0.0
+            assert (block == expected).all()
+
+
+def test_curve_end_points_and_ordering():
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(image_size=8, patch_size=2, num_classes=4, dim=16, depth=2, heads=2, mlp_dim=32))
+    torch.nn.init.normal_(model.head.weight)
+    model.eval()
+    x = torch.randn(5, 3, 8, 8)
+    curves = deletion_insertion_curves(model, x, torch.rand(5, 16), steps=4)
+    assert curves["deletion_prob"].shape == (5, 5)
+    clean = model(x).softmax(1).max(1).values
+    blank = model(torch.zeros_like(x)).softmax(1).gather(1, model(x).argmax(1, keepdim=True))[:, 0]
+    torch.testing.assert_close(curves["deletion_prob"][:, 0], clean)  # nothing removed yet
+    torch.testing.assert_close(curves["insertion_prob"][:, -1], clean)  # everything revealed
+    torch.testing.assert_close(curves["deletion_prob"][:, -1], blank)
+    torch.testing.assert_close(curves["insertion_prob"][:, 0], blank)
+    assert (curves["deletion_kept"][:, 0] == 1).all()
+
+
+def test_area_under_a_line():
+    assert abs(area_under(torch.linspace(0, 1, 11)) - 0.5) < 1e-6
+    assert area_under(torch.ones(5)) == 1.0
