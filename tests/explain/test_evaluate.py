@@ -22,7 +22,8 @@ def test_curve_end_points_and_ordering():
     torch.nn.init.normal_(model.head.weight)
     model.eval()
     x = torch.randn(5, 3, 8, 8)
-    curves = deletion_insertion_curves(model, x, torch.rand(5, 16), steps=4)
+    labels = torch.randint(0, 4, (5,))
+    curves = deletion_insertion_curves(model, x, torch.rand(5, 16), steps=4, labels=labels)
     assert curves["deletion_prob"].shape == (5, 5)
     clean = model(x).softmax(1).max(1).values
     blank = model(torch.zeros_like(x)).softmax(1).gather(1, model(x).argmax(1, keepdim=True))[:, 0]
@@ -31,6 +32,7 @@ def test_curve_end_points_and_ordering():
     torch.testing.assert_close(curves["deletion_prob"][:, -1], blank)
     torch.testing.assert_close(curves["insertion_prob"][:, 0], blank)
     assert (curves["deletion_kept"][:, 0] == 1).all()
+    assert torch.equal(curves["insertion_correct"][:, -1], (model(x).argmax(1) == labels).float())
 
 
 def test_area_under_a_line():

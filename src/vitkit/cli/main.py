@@ -218,6 +218,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
             return torch.rand(x.shape[0], cfg.num_patches, device=device)
         return patch_relevance(model, x, method, **(options if method == "rollout" else {}))
 
+    if not args.images:
+        # Data sets are often stored class by class: a seeded random sample shows (and scores) every class.
+        data = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed)))
     out = Path(args.out)
     shown = min(args.n, len(data))
     x = normalise(data.images[:shown])
@@ -240,8 +243,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         for method in ("rollout", "grad_rollout", "random"):
             sums = None
             for start in range(0, n_eval, args.batch_size):
-                xb = normalise(data.images[start : min(start + args.batch_size, n_eval)])
-                c = deletion_insertion_curves(model, xb, relevance(xb, method), args.steps)
+                stop = min(start + args.batch_size, n_eval)
+                xb = normalise(data.images[start:stop])
+                yb = data.labels[start:stop].to(device) if not args.images else None
+                c = deletion_insertion_curves(model, xb, relevance(xb, method), args.steps, yb)
                 batch_sums = {k: v.sum(0) for k, v in c.items()}
                 sums = batch_sums if sums is None else {k: sums[k] + batch_sums[k] for k in sums}
             mean_curves = {k: v / n_eval for k, v in sums.items()}
@@ -250,6 +255,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             for kind in ("deletion", "insertion"):
                 summary[f"{method}_{kind}_auc"] = area_under(mean_curves[f"{kind}_prob"])
                 summary[f"{method}_{kind}_agreement_auc"] = area_under(mean_curves[f"{kind}_kept"])
+                if f"{kind}_correct" in mean_curves:
+                    summary[f"{method}_{kind}_accuracy_auc"] = area_under(mean_curves[f"{kind}_correct"])
         summary["images_evaluated"] = n_eval
         plot_deletion_insertion(curves, out / "deletion_insertion.png")
     write_json(out / "summary.json", summary)

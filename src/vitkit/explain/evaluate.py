@@ -24,23 +24,26 @@ def patch_mask(order: Tensor, shown: int, grid: int, patch: int) -> Tensor:
 
 @torch.no_grad()
 def deletion_insertion_curves(
-    model: VisionTransformer, x: Tensor, relevance: Tensor, steps: int = 16
+    model: VisionTransformer, x: Tensor, relevance: Tensor, steps: int = 16, labels: Tensor | None = None
 ) -> dict[str, Tensor]:
-    """Per-image curves (B, steps + 1) of the originally predicted class's probability and of whether
-    the prediction still equals it, for deletion and insertion in order of decreasing relevance."""
+    """Per-image curves (B, steps + 1), for deletion and insertion in order of decreasing relevance:
+    `*_prob` the originally predicted class's probability, `*_kept` whether the prediction is unchanged,
+    and with `labels`, `*_correct` whether it is right."""
     model.eval()
     cfg = model.cfg
     N = cfg.num_patches
     predicted = model(x).argmax(1)
     order = relevance.argsort(1, descending=True)
     counts = torch.linspace(0, N, steps + 1).round().long().tolist()
-    curves: dict[str, list[Tensor]] = {k: [] for k in ("deletion_prob", "deletion_kept", "insertion_prob", "insertion_kept")}
+    curves: dict[str, list[Tensor]] = {}
     for count in counts:
         top = patch_mask(order, count, cfg.grid_size, cfg.patch_size)
         for name, masked in (("deletion", x * (1 - top)), ("insertion", x * top)):
             probs = model(masked).softmax(1)
-            curves[f"{name}_prob"].append(probs.gather(1, predicted[:, None])[:, 0])
-            curves[f"{name}_kept"].append((probs.argmax(1) == predicted).float())
+            curves.setdefault(f"{name}_prob", []).append(probs.gather(1, predicted[:, None])[:, 0])
+            curves.setdefault(f"{name}_kept", []).append((probs.argmax(1) == predicted).float())
+            if labels is not None:
+                curves.setdefault(f"{name}_correct", []).append((probs.argmax(1) == labels).float())
     return {k: torch.stack(v, dim=1) for k, v in curves.items()}
 
 
