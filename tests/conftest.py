@@ -20,3 +20,17 @@ def private_cache(tmp_path_factory):
 requires_cifar = pytest.mark.skipif(
     not CIFAR_JPG.is_file(), reason=f"the CIFAR-10 copy is not at {CIFAR_JPG} (see ../shared/datasets/README.md)"
 )
+
+
+def tiny_vit(seed: int = 0, **overrides):
+    """A seeded, very small ViT in eval mode with a non-zero head (the default zero head would make
+    every output constant and many checks vacuous)."""
+    import torch
+
+    from vitkit.models import ViTConfig, VisionTransformer
+
+    torch.manual_seed(seed)
+    shape = dict(image_size=8, patch_size=2, num_classes=4, dim=16, depth=2, heads=2, mlp_dim=32)
+    model = VisionTransformer(ViTConfig(**{**shape, **overrides}))
+    torch.nn.init.normal_(model.head.weight)
+    return model.eval()

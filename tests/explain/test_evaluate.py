@@ -1,7 +1,7 @@
 import torch
 
+from conftest import tiny_vit
 from vitkit.explain.evaluate import area_under, deletion_insertion_curves, patch_mask
-from vitkit.models import ViTConfig, VisionTransformer
 
 
 def test_patch_mask_shows_the_first_patches_of_each_order():
@@ -17,10 +17,7 @@ def test_patch_mask_shows_the_first_patches_of_each_order():
 
 
 def test_curve_end_points_and_ordering():
-    torch.manual_seed(0)
-    model = VisionTransformer(ViTConfig(image_size=8, patch_size=2, num_classes=4, dim=16, depth=2, heads=2, mlp_dim=32))
-    torch.nn.init.normal_(model.head.weight)
-    model.eval()
+    model = tiny_vit()
     x = torch.randn(5, 3, 8, 8)
     labels = torch.randint(0, 4, (5,))
     curves = deletion_insertion_curves(model, x, torch.rand(5, 16), steps=4, labels=labels)

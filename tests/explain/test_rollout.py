@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from vitkit.explain import METHODS, attention_rollout, discard_lowest, gradient_rollout, patch_relevance, relevance_to_image
-from vitkit.models import PRESETS, ViTConfig, VisionTransformer, create_model
+from conftest import tiny_vit
+from vitkit.models import PRESETS, create_model
 
 
 def random_attention(layers=4, B=3, H=2, T=5, seed=0):
@@ -99,10 +100,7 @@ def test_maps_for_every_small_preset_and_token_subsets():
 
 
 def test_gradient_rollout_matches_its_formula_on_a_tiny_model():
-    torch.manual_seed(0)
-    model = VisionTransformer(ViTConfig(image_size=8, patch_size=4, num_classes=3, dim=8, depth=2, heads=2, mlp_dim=16))
-    torch.nn.init.normal_(model.head.weight)
-    model.eval()
+    model = tiny_vit(patch_size=4, num_classes=3, dim=8, mlp_dim=16)
     x = torch.randn(1, 3, 8, 8)
     logits, attentions = model(x, return_attention=True)
     target = logits.argmax(1)
@@ -111,8 +109,7 @@ def test_gradient_rollout_matches_its_formula_on_a_tiny_model():
     for a, g in zip(attentions, grads):
         r = r + (g[0] * a[0]).clamp(min=0).mean(0) @ r
     torch.testing.assert_close(gradient_rollout(model, x), r[0, 1:][None].detach())
-    mean_model = VisionTransformer(ViTConfig(image_size=8, patch_size=4, num_classes=3, dim=8, depth=2, heads=2,
-                                             mlp_dim=16, pool="mean"))
+    mean_model = tiny_vit(patch_size=4, num_classes=3, dim=8, mlp_dim=16, pool="mean")
     assert gradient_rollout(mean_model, x).shape == (1, 4)
 
 
