@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from vitkit.errors import VitkitError
 from vitkit.explain import METHODS, attention_rollout, discard_lowest, gradient_rollout, patch_relevance, relevance_to_image
 from conftest import tiny_vit
 from vitkit.models import PRESETS, create_model
@@ -119,3 +120,14 @@ def test_upsampled_maps_are_normalised():
     assert maps.shape == (3, 32, 32)
     torch.testing.assert_close(maps.flatten(1).amin(1), torch.zeros(3))
     torch.testing.assert_close(maps.flatten(1).amax(1), torch.ones(3))
+
+
+def test_single_layer_attention_is_the_class_row_of_that_layer():
+    model = tiny_vit()
+    x = torch.randn(2, 3, 8, 8)
+    _, attentions = model(x, return_attention=True)
+    for layer in (0, 1, -1):
+        expected = attentions[layer].amax(1)[:, 0, 1:]
+        torch.testing.assert_close(patch_relevance(model, x, "attention", layer=layer, head_fusion="max"), expected)
+    with pytest.raises(VitkitError, match="outside"):
+        patch_relevance(model, x, "attention", layer=5)

@@ -216,6 +216,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     def relevance(x: torch.Tensor, method: str) -> torch.Tensor:
         if method == "random":
             return torch.rand(x.shape[0], cfg.num_patches, device=device)
+        if method == "attention":
+            return patch_relevance(model, x, method, layer=args.layer, head_fusion=args.head_fusion)
         return patch_relevance(model, x, method, **(options if method == "rollout" else {}))
 
     if not args.images:
@@ -336,7 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="where CIFAR archives live")
     p.add_argument("--split", default="test")
     p.add_argument("--n", type=int, default=16, help="images in the figure")
-    p.add_argument("--method", default="rollout", choices=["rollout", "grad_rollout"])
+    p.add_argument("--method", default="rollout", choices=["rollout", "grad_rollout", "attention"],
+                   help="attention: one layer's raw attention (see --layer)")
+    p.add_argument("--layer", type=int, default=-1, help="layer for --method attention (default: the last)")
     p.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"])
     p.add_argument("--discard-ratio", type=float, default=0.0, help="share of lowest attentions zeroed per image")
     p.add_argument("--start-layer", type=int, default=0)

@@ -16,16 +16,17 @@ from vitkit.explain.rollout import (
 )
 from vitkit.models import VisionTransformer
 
-METHODS = ("rollout", "grad_rollout")
+METHODS = ("rollout", "grad_rollout", "attention")
 
 
 @torch.no_grad()
-def _rollout_relevance(model: VisionTransformer, x: Tensor, keep: Tensor | None, **options) -> Tensor:
+def layer_attentions(model: VisionTransformer, x: Tensor, keep: Tensor | None = None) -> list[Tensor]:
+    """Every layer's attention probabilities (B, heads, T, T), computed in eval mode."""
     was_training = model.training
     model.eval()
     _, attentions = model(x, keep=keep, return_attention=True)
     model.train(was_training)
-    return output_relevance(attention_rollout(attentions, **options), model.cfg.pool)
+    return attentions
 
 
 def patch_relevance(
@@ -34,11 +35,18 @@ def patch_relevance(
 ) -> Tensor:
     """Relevance of every patch (B, N) on the model's grid; patches dropped by `keep` get 0.
 
-    options go to `attention_rollout` (head_fusion, discard_ratio, start_layer, residual);
-    `target` (the class to explain) is used by grad_rollout.
+    methods: "rollout" (options go to `attention_rollout`: head_fusion, discard_ratio, start_layer,
+    residual), "grad_rollout" (explains `target`, default the predicted class) and "attention", the
+    raw attention of one layer (options: layer, default the last; head_fusion).
     """
     if method == "rollout":
-        kept = _rollout_relevance(model, x, keep, **options)
+        kept = output_relevance(attention_rollout(layer_attentions(model, x, keep), **options), model.cfg.pool)
+    elif method == "attention":
+        attentions = layer_attentions(model, x, keep)
+        layer = options.get("layer", len(attentions) - 1)
+        if not -len(attentions) <= layer < len(attentions):
+            raise VitkitError(f"layer {layer} is outside the model's {len(attentions)} layers")
+        kept = output_relevance(fuse_heads(attentions[layer], options.get("head_fusion", "mean")), model.cfg.pool)
     elif method == "grad_rollout":
         kept = gradient_rollout(model, x, target, keep)
     else:
@@ -55,6 +63,7 @@ __all__ = [
     "discard_lowest",
     "fuse_heads",
     "gradient_rollout",
+    "layer_attentions",
     "output_relevance",
     "patch_relevance",
     "relevance_to_image",
