@@ -22,6 +22,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/digits_accuracy.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -12,14 +12,10 @@ speed or background load hit both alike, and the median step time is reported.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from datetime import datetime, timezone
 from pathlib import Path
 
 import timm
@@ -28,7 +24,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import nn
 
-import vitkit
+from common import RESULTS, environment, save_report
 from vitkit.models import ViTConfig, VisionTransformer, num_parameters
 
 IMAGE, PATCH, CLASSES, DIM, DEPTH, HEADS, MLP = 32, 4, 10, 192, 12, 3, 768
@@ -92,17 +88,6 @@ def time_alternating(steps: dict[str, Callable], repeats: int, warmup: int, sync
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def cpu_name() -> str:
-    # platform.processor() is often empty or just "x86_64" on Linux; /proc/cpuinfo has the model.
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
@@ -137,7 +122,8 @@ def main() -> None:
     }
     ratio = {mode: medians[mode]["timm"] / medians[mode]["vitkit"] for mode in medians}
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    env = environment(device)
+    device_name = env["device_name"]
     print(f"{device_name}, batch {args.batch_size}, {args.steps} steps, bf16={args.bf16}, compile={args.compile}")
     print(f"{'model':<8} {'train img/s':>12} {'infer img/s':>12}")
     for name, r in results.items():
@@ -145,27 +131,14 @@ def main() -> None:
     print(f"{'ratio':<8} {ratio['train']:>12.3f} {ratio['inference']:>12.3f}   (vitkit / timm)")
 
     report = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": cpu_name(),
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-        },
-        "device": str(device),
-        "device_name": device_name,
-        "versions": {"torch": torch.__version__, "timm": timm.__version__, "vitkit": vitkit.__version__},
+        **env,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         | {"model": dict(image_size=IMAGE, patch_size=PATCH, num_classes=CLASSES, dim=DIM, depth=DEPTH,
                          heads=HEADS, mlp_dim=MLP, pool="cls", parameters=num_parameters(models["vitkit"]))},
         "results": results,
         "ratio_vitkit_over_timm": ratio,
     }
-    out = args.out or Path(__file__).parent / "results" / f"throughput-{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"saved {out}")
+    save_report(report, args.out or RESULTS / f"throughput-{device.type}.json")
 
 
 if __name__ == "__main__":
