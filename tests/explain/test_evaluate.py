@@ -35,3 +35,25 @@ def test_curve_end_points_and_ordering():
 def test_area_under_a_line():
     assert abs(area_under(torch.linspace(0, 1, 11)) - 0.5) < 1e-6
     assert area_under(torch.ones(5)) == 1.0
+
+
+def test_scores_do_not_depend_on_batching():
+    from vitkit.explain.evaluate import evaluate_explanations
+
+    model = tiny_vit()
+    x = torch.randn(6, 3, 8, 8)
+    y = torch.randint(0, 4, (6,))
+    fixed = {"a": torch.rand(6, 16), "b": torch.rand(6, 16)}
+
+    def relevance_for(xb, method):  # each image keeps its own relevance, whatever batch it lands in
+        rows = [int((x == xb[i]).flatten(1).all(1).nonzero()[0]) for i in range(len(xb))]
+        return fixed[method][rows]
+
+    one, _ = evaluate_explanations(model, lambda: [(x, y)], relevance_for, methods=("a", "b"), steps=4)
+    two, curves = evaluate_explanations(model, lambda: [(x[:2], y[:2]), (x[2:], y[2:])], relevance_for,
+                                        methods=("a", "b"), steps=4)
+    assert one.keys() == two.keys() and all(abs(one[k] - two[k]) < 1e-6 for k in one)
+    whole = deletion_insertion_curves(model, x, fixed["a"], 4, y)
+    assert abs(one["a_deletion_auc"] - area_under(whole["deletion_prob"].mean(0))) < 1e-6
+    assert abs(one["a_insertion_accuracy_auc"] - area_under(whole["insertion_correct"].mean(0))) < 1e-6
+    assert curves["b"]["deletion"].shape == (5,)

@@ -192,7 +192,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     from vitkit.data import ImageDataset, load_dataset, load_images
     from vitkit.explain import patch_relevance, relevance_to_image
-    from vitkit.explain.evaluate import area_under, deletion_insertion_curves
+    from vitkit.explain.evaluate import evaluate_explanations
     from vitkit.plots import plot_deletion_insertion, plot_explanations
     from vitkit.train import load_model, select_device
     from vitkit.train.checkpoint import write_json
@@ -241,25 +241,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.evaluate:
         torch.manual_seed(args.seed)  # the random baseline's order
         n_eval = min(args.n_eval, len(data))
-        curves: dict[str, dict] = {}
-        for method in ("rollout", "grad_rollout", "random"):
-            sums = None
+
+        def batches():
             for start in range(0, n_eval, args.batch_size):
                 stop = min(start + args.batch_size, n_eval)
-                xb = normalise(data.images[start:stop])
-                yb = data.labels[start:stop].to(device) if not args.images else None
-                c = deletion_insertion_curves(model, xb, relevance(xb, method), args.steps, yb)
-                batch_sums = {k: v.sum(0) for k, v in c.items()}
-                sums = batch_sums if sums is None else {k: sums[k] + batch_sums[k] for k in sums}
-            mean_curves = {k: v / n_eval for k, v in sums.items()}
-            curves[method] = {"deletion": mean_curves["deletion_prob"].cpu().numpy(),
-                              "insertion": mean_curves["insertion_prob"].cpu().numpy()}
-            for kind in ("deletion", "insertion"):
-                summary[f"{method}_{kind}_auc"] = area_under(mean_curves[f"{kind}_prob"])
-                summary[f"{method}_{kind}_agreement_auc"] = area_under(mean_curves[f"{kind}_kept"])
-                if f"{kind}_correct" in mean_curves:
-                    summary[f"{method}_{kind}_accuracy_auc"] = area_under(mean_curves[f"{kind}_correct"])
-        summary["images_evaluated"] = n_eval
+                labels = data.labels[start:stop].to(device) if not args.images else None
+                yield normalise(data.images[start:stop]), labels
+
+        figures, curves = evaluate_explanations(model, batches, relevance, steps=args.steps)
+        summary.update(figures, images_evaluated=n_eval)
         plot_deletion_insertion(curves, out / "deletion_insertion.png")
     write_json(out / "summary.json", summary)
     print_summary(summary, out)

@@ -8,6 +8,8 @@ baseline any explanation must beat. A hidden patch is set to 0 in normalised spa
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
+
 import torch
 from torch import Tensor
 
@@ -51,3 +53,35 @@ def area_under(curve: Tensor) -> float:
     """Trapezoid area of a mean curve sampled evenly on [0, 1]."""
     y = curve.double()
     return float(((y[1:] + y[:-1]) / 2).mean())
+
+
+def evaluate_explanations(
+    model: VisionTransformer,
+    batches: Callable[[], Iterable[tuple[Tensor, Tensor | None]]],
+    relevance: Callable[[Tensor, str], Tensor],
+    methods: Sequence[str] = ("rollout", "grad_rollout", "random"),
+    steps: int = 16,
+) -> tuple[dict[str, float], dict[str, dict[str, Tensor]]]:
+    """Deletion and insertion AUCs of each method over all batches (normalised images, labels or None).
+
+    `batches()` gives a fresh pass over the data; `relevance(x, method)` gives (B, N) patch relevance.
+    Returns flat figures ({method}_{deletion|insertion}_auc, ..._agreement_auc, ..._accuracy_auc) and
+    the mean probability curves per method, for plotting.
+    """
+    figures: dict[str, float] = {}
+    curves: dict[str, dict[str, Tensor]] = {}
+    for method in methods:
+        sums: dict[str, Tensor] = {}
+        n = 0
+        for x, y in batches():
+            for k, v in deletion_insertion_curves(model, x, relevance(x, method), steps, y).items():
+                sums[k] = sums.get(k, 0) + v.sum(0)
+            n += len(x)
+        mean = {k: v / n for k, v in sums.items()}
+        curves[method] = {kind: mean[f"{kind}_prob"].cpu() for kind in ("deletion", "insertion")}
+        for kind in ("deletion", "insertion"):
+            figures[f"{method}_{kind}_auc"] = area_under(mean[f"{kind}_prob"])
+            figures[f"{method}_{kind}_agreement_auc"] = area_under(mean[f"{kind}_kept"])
+            if f"{kind}_correct" in mean:
+                figures[f"{method}_{kind}_accuracy_auc"] = area_under(mean[f"{kind}_correct"])
+    return figures, curves
