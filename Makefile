@@ -23,6 +23,8 @@ test: setup
 bench: setup
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/digits_accuracy.py
+	$(BIN)/python bench/attack.py
+	$(BIN)/python bench/certify.py --images 500 --full-images 100
 
 clean:
 	rm -rf runs .pytest_cache

@@ -7,7 +7,7 @@ import os
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -25,6 +25,13 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def device_and_sync(name: str) -> tuple[torch.device, Callable[[], None]]:
+    """The device to time on (`auto`: cuda when available) and a function that waits for its queued work,
+    so a timer stops when the work is done rather than when it was launched."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    return device, (torch.cuda.synchronize if device.type == "cuda" else (lambda: None))
 
 
 def environment(device: torch.device) -> dict[str, Any]:

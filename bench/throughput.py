@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import nn
 
-from common import RESULTS, environment, save_report
+from common import RESULTS, device_and_sync, environment, save_report
 from vitkit.models import ViTConfig, VisionTransformer, num_parameters
 
 IMAGE, PATCH, CLASSES, DIM, DEPTH, HEADS, MLP = 32, 4, 10, 192, 12, 3, 768
@@ -99,10 +99,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="JSON results (default bench/results/throughput-<device>.json)")
     args = parser.parse_args()
 
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    device, sync = device_and_sync(args.device)
     torch.manual_seed(0)
     models = build_models(device)
     x = torch.randn(args.batch_size, 3, IMAGE, IMAGE, device=device)

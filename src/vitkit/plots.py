@@ -192,3 +192,65 @@ def plot_deletion_insertion(curves: dict[str, dict[str, np.ndarray]], path: str 
         ax.grid(alpha=0.3)
         ax.legend()
     _save(fig, path)
+
+
+def plot_certified_accuracy(
+    patch_sizes: Sequence[int], certified: Sequence[float], smoothed: float, standard: float, title: str,
+    path: str | os.PathLike,
+) -> None:
+    """Certified accuracy against the patch side m, with the smoothed and standard accuracy for reference."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    ax.plot(patch_sizes, certified, "o-", label="certified")
+    ax.axhline(smoothed, color="tab:green", linestyle="--", label=f"smoothed ({smoothed:.1%})")
+    ax.axhline(standard, color="tab:grey", linestyle=":", label=f"standard ({standard:.1%})")
+    ax.set_xlabel("patch side m (pixels)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(list(patch_sizes))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_robustness(
+    strengths: Sequence[float], accuracy: Sequence[float], path: str | os.PathLike, xlabel: str = "ε", title: str = ""
+) -> None:
+    """Accuracy against attack strength (ε, or a patch side); pass strength 0 with the clean accuracy."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    ax.plot(strengths, accuracy, "o-")
+    for s, a in zip(strengths, accuracy):
+        ax.annotate(f"{a:.1%}", (s, a), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.set(xlabel=xlabel, ylabel="accuracy", ylim=(0, 1.05), title=title)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_adversarial_examples(
+    clean: Tensor, adversarial: Tensor, titles: Sequence[Sequence[str]], fooled: Sequence[bool],
+    path: str | os.PathLike,
+) -> None:
+    """Seed 002's panda figure, one row per image: the clean image, the perturbation magnified to the
+    full range (grey is 0), the adversarial image. titles: three per row; the third turns red where
+    the attack fooled the model. Images (N, C, H, W) in [0, 1] (or uint8), C = 1 or 3."""
+
+    def rgb(images: Tensor) -> np.ndarray:
+        pixels = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        return pixels.detach().cpu().permute(0, 2, 3, 1).expand(-1, -1, -1, 3).numpy()
+
+    x, x_adv = rgb(clean), rgb(adversarial)
+    delta = x_adv - x
+    # Each image's perturbation is scaled on its own: ε = 2/255 would otherwise be invisible.
+    scale = 0.5 / np.maximum(np.abs(delta).reshape(len(delta), -1).max(1), 1e-12)
+    n = len(x)
+    fig = Figure(figsize=(6.6, 2.4 * n))
+    axes = fig.subplots(n, 3, squeeze=False)
+    for i in range(n):
+        panels = (x[i], 0.5 + delta[i] * scale[i], x_adv[i])
+        for j, (ax, panel) in enumerate(zip(axes[i], panels)):
+            ax.imshow(panel.clip(0, 1), interpolation="nearest")
+            ax.axis("off")
+            ax.set_title(titles[i][j], fontsize=8, color=WRONG if j == 2 and fooled[i] else "black")
+    _save(fig, path)

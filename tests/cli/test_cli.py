@@ -9,7 +9,7 @@ from PIL import Image
 
 from vitkit.cli.main import main
 
-COMMANDS = ("train", "eval", "predict", "info", "explain", "demo")
+COMMANDS = ("train", "eval", "predict", "info", "explain", "attack", "certify", "demo")
 
 
 def run_cli(*args):
@@ -85,6 +85,10 @@ def test_resume_of_a_finished_run_keeps_its_weights(trained_run):
         (["eval", "/no/such/checkpoint.safetensors"], "does not exist"),
         (["predict", "/no/such/checkpoint.safetensors", "x.png"], "does not exist"),
         (["train", "--resume", "/no/such/run"], "not a vitkit run folder"),
+        (["attack", "/no/such/checkpoint.safetensors"], "does not exist"),
+        (["certify", "/no/such/checkpoint.safetensors"], "does not exist"),
+        (["certify", "--votes", "/no/such/votes.safetensors"], "not a votes file"),
+        (["train", "--ablation", "diagonal", "--quiet"], "unknown ablation"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(args, message):
@@ -138,3 +142,65 @@ def test_explain_draws_maps_and_scores_them(trained_run, tmp_path):
     assert summary["images_evaluated"] == 40
     for name in ("rollout.png", "deletion_insertion.png"):
         assert Image.open(tmp_path / name).size[0] > 100
+
+
+def test_attack_reports_clean_and_robust_accuracy(trained_run, tmp_path, capsys):
+    out = tmp_path / "pgd"
+    assert main(["attack", str(trained_run), "--eps", "0,4/255,0.1", "--steps", "3", "--restarts", "2", "--n", "60",
+                 "--batch-size", "25", "--device", "cpu", "--out", str(out)]) == 0
+    assert "ε=0.0157 (4/255)" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    clean = summary["clean_accuracy"]
+    assert summary["images"] == 60 and summary["robust_accuracy_eps_0.0000"] == clean
+    assert summary["robust_accuracy_eps_0.1000"] <= summary["robust_accuracy_eps_0.0157"] <= clean
+    for name in ("robustness.png", "examples.png"):
+        assert Image.open(out / name).size[0] > 100
+
+    # A patch attack transferred from a surrogate (here the run itself), and FGSM under ℓ2.
+    out = tmp_path / "patch"
+    assert main(["attack", str(trained_run), "--attack", "patch", "--patch-size", "2,3", "--steps", "3",
+                 "--surrogate", str(trained_run), "--n", "30", "--device", "cpu", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["surrogate"] == str(trained_run) and 0 <= summary["robust_accuracy_patch_3"] <= 1
+    assert main(["attack", str(trained_run), "--attack", "fgsm", "--norm", "l2", "--eps", "0.5", "--n", "30",
+                 "--device", "cpu", "--out", str(tmp_path / "fgsm")]) == 0
+    assert main(["attack", str(trained_run), "--attack", "patch", "--patch-size", "9", "--device", "cpu",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "does not fit 8×8 images" in capsys.readouterr().err
+
+
+def test_certify_reports_and_rederives_from_votes(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "2", "--ablation", "column", "--ablation-size", "2", "--device", "cpu",
+                 "--quiet", "--out", str(run)]) == 0
+    out = tmp_path / "certify"
+    # The ablation defaults to the one the model was trained on (column, b=2; 8 ablations of an 8×8 digit).
+    assert main(["certify", str(run), "--patch-size", "1", "--patch-sizes", "1-3", "--n", "100", "--device", "cpu",
+                 "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "1x1" in printed and "3x3" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ablation"] == "column" and summary["ablation_size"] == 2 and summary["ablations_per_image"] == 8
+    assert summary["images"] == 100 and summary["delta"] == 2 and summary["token_dropping"] is True
+    assert summary["certified_accuracy"] == summary["certified_accuracy_1x1"] <= summary["smoothed_accuracy"]
+    assert summary["certified_accuracy_3x3"] <= summary["certified_accuracy_2x2"] <= summary["certified_accuracy_1x1"]
+    rows = (out / "per_image.csv").read_text().splitlines()
+    assert len(rows) == 101 and rows[0].startswith("index,label")
+    assert Image.open(out / "certified_accuracy.png").size[0] > 100
+    # The votes file alone gives the same figures, for any patch size, without the model.
+    again = tmp_path / "again"
+    assert main(["certify", "--votes", str(out / "votes.safetensors"), "--patch-size", "1", "--patch-sizes", "1-3",
+                 "--out", str(again)]) == 0
+    rederived = json.loads((again / "summary.json").read_text())
+    assert {k: v for k, v in rederived.items() if k in summary} == {
+        k: v for k, v in summary.items() if k in rederived}
+    # The threshold rule and the Levine & Feizi tie rule run through the same command, and so does a patch
+    # attack on the smoothed model, whose empirical accuracy bounds the certified one from above.
+    assert main(["certify", str(run), "--rule", "threshold", "--threshold", "0.3", "--tie-rule", "levine_feizi",
+                 "--n", "20", "--attack-n", "12", "--attack-positions", "2", "--attack-steps", "2",
+                 "--patch-size", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path / "lf")]) == 0
+    attacked = json.loads((tmp_path / "lf" / "summary.json").read_text())
+    assert attacked["attacked_images"] == 12 and attacked["certified_images_broken_by_attack"] == 0
+    assert attacked["certified_accuracy_1x1_on_attacked_images"] <= attacked["empirical_accuracy_1x1"]
+    assert main(["certify", "--out", str(tmp_path / "none")]) == 2
+    assert "either a checkpoint" in capsys.readouterr().err

@@ -17,9 +17,10 @@ def tiny_config(**overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
-def test_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [{}, {"ablation": "column", "ablation_size": 2}], ids=["whole", "ablated"])
+def test_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch, extra):
     straight = tmp_path / "straight"
-    train(tiny_config(), straight, progress=False)
+    train(tiny_config(**extra), straight, progress=False)
 
     stopped = tmp_path / "stopped"
     calls = {"n": 0}
@@ -33,10 +34,10 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "train_epoch", stop_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(), stopped, progress=False)
+        train(tiny_config(**extra), stopped, progress=False)
     monkeypatch.setattr(Trainer, "train_epoch", original)
     assert json.loads((stopped / "history.jsonl").read_text().splitlines()[-1])["epoch"] == 1
-    train(tiny_config(), stopped, resume=True, progress=False)
+    train(tiny_config(**extra), stopped, resume=True, progress=False)
 
     a, b = load_file(straight / "last.safetensors"), load_file(stopped / "last.safetensors")
     for k in a:
@@ -80,3 +81,11 @@ def test_nan_loss_stops_with_advice_and_keeps_the_last_good_epoch(tmp_path, monk
 def test_fewer_images_than_a_batch_is_a_user_error(tmp_path):
     with pytest.raises(VitkitError, match="batch"):
         Trainer(tiny_config(batch_size=100_000), tmp_path, progress=False)
+
+
+def test_training_on_ablations_records_the_ablation(tmp_path):
+    from vitkit.train import read_info
+
+    summary = train(tiny_config(epochs=1, ablation="row", ablation_size=3, ablation_stride=2), tmp_path, progress=False)
+    assert read_info(tmp_path)["ablation"] == {"kind": "row", "size": 3, "image_size": [8, 8], "stride": 2}
+    assert "row ablation" in summary["accuracy_measured_on"]

@@ -1,4 +1,4 @@
-"""The `vitkit` command: train, eval, predict, info, explain and demo.
+"""The `vitkit` command: train, eval, predict, info, explain, certify, attack and demo.
 
 Every command takes `--config FILE` (YAML or JSON, keys are the option names); flags given on the
 command line override the file. User errors print one line and exit with status 2.
@@ -7,6 +7,7 @@ command line override the file. User errors print one line and exit with status 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import MISSING
 from pathlib import Path
@@ -93,24 +94,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
+def load_checkpoint_and_data(args: argparse.Namespace, device) -> tuple[Any, dict[str, Any], Any]:
+    """The checkpoint's model (eval mode) and metadata, and `args.split` of `args.data` (default: the data
+    the model was trained on), resized to the model's input; the classes must match the checkpoint's."""
     from vitkit.data import load_dataset
-    from vitkit.plots import confusion_matrix, plot_confusion_matrix, plot_prediction_grid
-    from vitkit.train import load_model, select_device
-    from vitkit.train.checkpoint import write_json
-    from vitkit.train.evaluate import classification_metrics, predict_dataset
+    from vitkit.train import load_model
 
-    device = select_device(args.device)
     model, info = load_model(args.checkpoint, device)
     source = args.data or info["data"]
     data = load_dataset(source, args.split, image_size=model.cfg.image_size, root=args.data_root)
     if data.classes != info["classes"]:
         raise VitkitError(
             f"the data's classes {data.classes[:5]}... differ from the checkpoint's {info['classes'][:5]}...: "
-            "evaluate on the data set the model was trained on"
+            "use the data set the model was trained on"
         )
+    return model, info, data
+
+
+def seeded_sample(data, n: int, seed: int):
+    """A seeded random sample of n images (all of them, in order, when n is 0 or not below the size).
+    Test sets are often stored class by class: a random sample covers every class."""
+    import torch
+
+    if not n or n >= len(data):
+        return data
+    return data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n])
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from vitkit.plots import confusion_matrix, plot_confusion_matrix, plot_prediction_grid
+    from vitkit.train import select_device
+    from vitkit.train.checkpoint import write_json
+    from vitkit.train.evaluate import classification_metrics, predict_dataset
+
+    device = select_device(args.device)
+    model, info, data = load_checkpoint_and_data(args, device)
+    source = args.data or info["data"]
     logits, labels = predict_dataset(model, data, info["mean"], info["std"], device, args.batch_size)
     metrics = classification_metrics(logits, labels, data.classes, prefix=f"{args.split}_")
     out = Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + f"-eval-{args.split}")
@@ -190,7 +211,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     """Relevance maps for images or a data set, and with --evaluate the deletion/insertion check."""
     import torch
 
-    from vitkit.data import ImageDataset, load_dataset, load_images
+    from vitkit.data import ImageDataset, load_images
     from vitkit.explain import patch_relevance, relevance_to_image
     from vitkit.explain.evaluate import evaluate_explanations
     from vitkit.plots import plot_deletion_insertion, plot_explanations
@@ -198,13 +219,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from vitkit.train.checkpoint import write_json
 
     device = select_device(args.device)
-    model, info = load_model(args.checkpoint, device)
-    cfg = model.cfg
     if args.images:
-        images = load_images(args.images, cfg.image_size, cfg.in_channels)
+        model, info = load_model(args.checkpoint, device)
+        images = load_images(args.images, model.cfg.image_size, model.cfg.in_channels)
         data = ImageDataset(images, torch.full((len(images),), -1), info["classes"], "files")
     else:
-        data = load_dataset(args.data or info["data"], args.split, image_size=cfg.image_size, root=args.data_root)
+        model, info, data = load_checkpoint_and_data(args, device)
+    cfg = model.cfg
     mean = torch.tensor(info["mean"], device=device)[:, None, None]
     std = torch.tensor(info["std"], device=device)[:, None, None]
     options = dict(head_fusion=args.head_fusion, discard_ratio=args.discard_ratio, start_layer=args.start_layer,
@@ -253,6 +274,200 @@ def cmd_explain(args: argparse.Namespace) -> int:
         plot_deletion_insertion(curves, out / "deletion_insertion.png")
     write_json(out / "summary.json", summary)
     print_summary(summary, out)
+    return 0
+
+
+def cmd_certify(args: argparse.Namespace) -> int:
+    """Smoothed and certified accuracy against m×m patches; or, with --votes, the same report re-derived
+    from a saved votes file without the model."""
+    import time
+
+    import torch
+
+    from vitkit.plots import plot_certified_accuracy
+    from vitkit.smoothing import (
+        Ablation, SmoothedClassifier, Votes, certification_report, collect_votes, largest_certified_patch,
+        parse_patch_sizes,
+    )
+    from vitkit.train import select_device
+    from vitkit.train.checkpoint import write_json
+
+    if (args.checkpoint is None) == (args.votes is None):
+        raise VitkitError("pass either a checkpoint to certify or --votes FILE to re-derive a report, not both")
+    out = Path(args.out)
+    sizes = parse_patch_sizes(args.patch_sizes)
+    summary: dict[str, Any] = {}
+    if args.votes:
+        votes = Votes.load(args.votes)
+    else:
+        device = select_device(args.device)
+        model, info, data = load_checkpoint_and_data(args, device)
+        trained = info.get("ablation") or {}
+        ablation = Ablation(
+            args.ablation or trained.get("kind", "column"),
+            args.ablation_size or trained.get("size", 4),
+            tuple(data.image_size),
+            args.ablation_stride or trained.get("stride", 1),
+        )
+        if trained and (ablation.kind, ablation.size) != (trained["kind"], trained["size"]):
+            print(f"note: the model was trained on {trained['kind']} ablations of width {trained['size']}, "
+                  f"certifying with {ablation.kind} ablations of width {ablation.size}", file=sys.stderr)
+        data = seeded_sample(data, args.n, args.seed)
+        smoothed = SmoothedClassifier(
+            model, ablation, mean=info["mean"], std=info["std"], rule=args.rule, threshold=args.threshold,
+            drop_tokens=not args.no_token_dropping, max_batch=args.max_batch,
+        )
+        start = time.perf_counter()
+        votes = collect_votes(smoothed, data, device, args.batch_size, progress=not args.quiet,
+                              info={"checkpoint": str(args.checkpoint), "data": args.data or info["data"],
+                                    "split": args.split})
+        seconds = time.perf_counter() - start
+        summary.update(seconds=round(seconds, 2), images_per_second=len(data) / seconds, device=str(device),
+                       token_dropping=smoothed.patch_size is not None)
+        votes.save(out / "votes.safetensors")
+    sizes = [m for m in sizes if m <= min(votes.ablation.image_size)]
+    report = certification_report(votes, sizes, args.patch_size, args.tie_rule)
+    if args.attack_n and not args.votes:
+        summary.update(_attack_smoothed(smoothed, data, votes, args, report["delta"], device))
+    summary = {
+        **{k: votes.info.get(k) for k in ("checkpoint", "data", "split", "rule", "threshold")},
+        "ablation": votes.ablation.kind, "ablation_size": votes.ablation.size, "ablation_stride": votes.ablation.stride,
+        **report, **summary,
+    }
+    write_json(out / "summary.json", summary)
+    _write_per_image(votes, largest_certified_patch(votes, max(sizes), args.tie_rule), out / "per_image.csv")
+    per_size = [report[f"certified_accuracy_{m}x{m}"] for m in sizes]
+    plot_certified_accuracy(sizes, per_size, report["smoothed_accuracy"], report["standard_accuracy"],
+                            f"{votes.ablation.kind} ablation, b={votes.ablation.size}", out / "certified_accuracy.png")
+    print(f"{'patch':>7s}  {'delta':>5s}  certified accuracy")
+    for m, acc in zip(sizes, per_size):
+        print(f"{m:>3d}x{m:<3d}  {votes.ablation.delta(m):>5d}  {acc:.4f}")
+    print_summary({k: v for k, v in summary.items() if not re.fullmatch(r"certified_accuracy_\d+x\d+", k)}, out)
+    return 0
+
+
+def _attack_smoothed(smoothed, data, votes, args: argparse.Namespace, delta: int, device) -> dict[str, Any]:
+    """Patch-attack the smoothed model on a sample: its empirical accuracy bounds the certified one from
+    above, and no image certified at this size may fall to it."""
+    import torch
+
+    from vitkit.smoothing import certify, empirical_patch_robustness
+
+    sample = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[: args.attack_n]
+    images = data.images[sample].to(device).float() / 255
+    labels = data.labels[sample].to(device)
+    robust = empirical_patch_robustness(smoothed, images, labels, args.patch_size, num_positions=args.attack_positions,
+                                        steps=args.attack_steps, seed=args.seed).cpu()
+    pred, certified = certify(votes.counts[sample], delta, args.tie_rule)
+    certified_right = certified & (pred == votes.labels[sample])
+    broken = int((certified_right & ~robust).sum())
+    if broken:
+        print(f"warning: {broken} certified images fell to the patch attack: please report this as a bug", file=sys.stderr)
+    m = args.patch_size
+    return {
+        "attacked_images": len(sample),
+        f"empirical_accuracy_{m}x{m}": robust.float().mean().item(),
+        f"certified_accuracy_{m}x{m}_on_attacked_images": certified_right.float().mean().item(),
+        "certified_images_broken_by_attack": broken,
+    }
+
+
+def _write_per_image(votes, largest_certified, path: Path) -> None:
+    """One row per image: true label, base and smoothed predictions, votes, the largest certified patch."""
+    import csv
+
+    counts = votes.counts
+    pred = counts.argmax(1)
+    top2 = counts.topk(min(2, counts.shape[1]), dim=1).values
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "label", "base_prediction", "smoothed_prediction", "votes_prediction", "votes_label",
+                    "votes_runner_up", "largest_certified_patch"])
+        for i in range(len(counts)):
+            w.writerow([i, int(votes.labels[i]), int(votes.base_predictions[i]), int(pred[i]), int(top2[i, 0]),
+                        int(counts[i, votes.labels[i]]), int(top2[i, -1]), int(largest_certified[i])])
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    """Clean and robust accuracy under FGSM, PGD or a patch attack at each strength, white-box or
+    transferred from --surrogate; the accuracy curve and example images."""
+    import time
+
+    import torch
+
+    from vitkit.attacks import PixelModel, fgsm, load_pixel_model, patch_attack, pgd, robust_accuracy
+    from vitkit.plots import plot_adversarial_examples, plot_robustness
+    from vitkit.train import select_device
+    from vitkit.train.checkpoint import write_json
+
+    device = select_device(args.device)
+    vit, info, data = load_checkpoint_and_data(args, device)
+    model = PixelModel(vit, info["mean"], info["std"])
+    surrogate = None
+    if args.surrogate:
+        surrogate, surrogate_info = load_pixel_model(args.surrogate, device)
+        if surrogate_info["classes"] != info["classes"]:
+            raise VitkitError(f"the surrogate {args.surrogate} has other classes than {args.checkpoint}: "
+                              "use a surrogate trained on the same data set")
+    patch = args.attack == "patch"
+    strengths = args.patch_size if patch else args.eps
+    step = {} if args.step_size is None else {"step_size": args.step_size}  # else each attack's own default
+
+    def attack(m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, strength: float, g: torch.Generator):
+        if patch:
+            return patch_attack(m, x, y, strength, num_positions=args.positions, steps=args.steps,
+                                random_start=args.random_start, generator=g, **step)[0]
+        if args.attack == "fgsm":
+            return fgsm(m, x, y, strength, norm=args.norm)
+        return pgd(m, x, y, strength, norm=args.norm, steps=args.steps, random_start=args.random_start,
+                   restarts=args.restarts, generator=g, **step)
+
+    def label(strength: float) -> str:
+        return f"{strength}x{strength} patch" if patch else f"ε={strength:.4f} ({strength * 255:.3g}/255)"
+
+    data = seeded_sample(data, args.n, args.seed)
+    start = time.perf_counter()
+    result = robust_accuracy(model, data.images, data.labels, attack, strengths, surrogate=surrogate,
+                             batch_size=args.batch_size, seed=args.seed)
+    seconds = time.perf_counter() - start
+
+    out = Path(args.out)
+    kind = f"{args.attack} ({args.norm})" if not patch else "patch"
+    title = f"{kind}, transferred from {Path(args.surrogate).name}" if args.surrogate else f"{kind}, white-box"
+    curve = dict(zip(strengths, result.robust_accuracy))
+    curve.setdefault(0, result.clean_accuracy)  # the clean point, unless strength 0 was asked for anyway
+    plot_robustness(sorted(curve), [curve[s] for s in sorted(curve)], out / "robustness.png",
+                    xlabel="patch side m (pixels)" if patch else f"ε ({args.norm}, pixels in [0, 1])", title=title)
+    # The examples are attacked with the same seed as in the evaluation, and an image's attack does not
+    # depend on its batch: they are the very adversarial images scored above.
+    shown = min(args.examples, len(data))
+    x = data.images[:shown].to(device).float() / 255
+    y = data.labels[:shown].to(device)
+    adversarial = attack(surrogate or model, x, y, max(strengths), torch.Generator().manual_seed(args.seed))
+    with torch.no_grad():
+        p_clean, p_adv = model(x).softmax(1), model(adversarial).softmax(1)
+    classes = info["classes"]
+    titles = []
+    for i, (c, a) in enumerate(zip(p_clean.argmax(1).tolist(), p_adv.argmax(1).tolist())):
+        titles.append((f"{classes[c]} ({p_clean[i, c]:.0%})\ntrue {classes[y[i]]}",
+                       f"perturbation\n{label(max(strengths))}", f"{classes[a]} ({p_adv[i, a]:.0%})\nadversarial"))
+    plot_adversarial_examples(x, adversarial, titles, (p_adv.argmax(1) != y).tolist(), out / "examples.png")
+
+    summary = {
+        "checkpoint": str(args.checkpoint), "surrogate": args.surrogate, "data": args.data or info["data"],
+        "split": args.split, "attack": args.attack, "norm": None if patch else args.norm,
+        "steps": None if args.attack == "fgsm" else args.steps, "step_size": args.step_size,
+        "restarts": args.restarts if args.attack == "pgd" else None,
+        "random_start": None if args.attack == "fgsm" else args.random_start, "seed": args.seed,
+        **result.summary("patch" if patch else "eps"), "seconds": round(seconds, 2), "device": str(device),
+    }
+    write_json(out / "summary.json", summary)
+    print(f"{'':>26s}  accuracy  success")
+    print(f"{'clean':>26s}  {result.clean_accuracy:8.4f}")
+    for s, robust, success in zip(strengths, result.robust_accuracy, result.success_rate):
+        print(f"{label(s):>26s}  {robust:8.4f}  {success:7.4f}")
+    print(f"{result.images} images, {title}; results in {out}/ (summary.json, robustness.png, examples.png)")
     return 0
 
 
@@ -343,6 +558,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/explain")
+
+    p = command("certify", cmd_certify, "smoothed ViT: certified accuracy against adversarial patches of every size")
+    p.add_argument("checkpoint", nargs="?", help="a .safetensors checkpoint or a run folder")
+    p.add_argument("--votes", help="re-derive the report from a votes.safetensors written earlier (no model needed)")
+    p.add_argument("--ablation", choices=["column", "row", "block"],
+                   help="ablation family (default: the one the model was trained on, else column)")
+    p.add_argument("--ablation-size", type=int, help="band width b (default: as trained, else 4)")
+    p.add_argument("--ablation-stride", type=int, help="start positions every s pixels (default: as trained, else 1)")
+    p.add_argument("--patch-size", type=int, default=5, help="patch side m of the headline certified accuracy")
+    p.add_argument("--patch-sizes", default="1-10", help="patch sides of the table and plot, e.g. 1-10 or 2,5,8")
+    p.add_argument("--rule", default="top", choices=["top", "threshold"],
+                   help="top: one vote per ablation (Salman et al.); threshold: every class with softmax ≥ θ (Levine & Feizi)")
+    p.add_argument("--threshold", type=parse_number, default=0.2, help="θ of the threshold rule")
+    p.add_argument("--tie-rule", default="salman", choices=["salman", "levine_feizi"],
+                   help="salman: n_c > n_c' + 2Δ; levine_feizi: equality also certifies when c has the smaller index")
+    p.add_argument("--no-token-dropping", action="store_true",
+                   help="feed full-length masked images instead of dropping masked tokens (slower; for comparison)")
+    p.add_argument("--attack-n", type=int, default=0,
+                   help="also patch-attack the smoothed model on N images (empirical accuracy, an upper bound)")
+    p.add_argument("--attack-positions", type=int, default=16, help="random patch positions tried per image")
+    p.add_argument("--attack-steps", type=int, default=20, help="PGD steps on the patch pixels per position")
+    p.add_argument("--data", help="data source (default: the one the model was trained on)")
+    p.add_argument("--data-root", help="where CIFAR archives live")
+    p.add_argument("--split", default="test")
+    p.add_argument("--n", type=int, default=0, help="certify a seeded random sample of N images (default: all)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per step")
+    p.add_argument("--max-batch", type=int, default=4096, help="ablated images per forward")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", default="runs/certify")
+
+    p = command("attack", cmd_attack, "clean and robust accuracy under FGSM, PGD or patch attacks, white-box or transfer")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
+    p.add_argument("--attack", default="pgd", choices=["fgsm", "pgd", "patch"])
+    p.add_argument("--norm", default="linf", choices=["linf", "l2"], help="budget norm of fgsm and pgd")
+    p.add_argument("--eps", type=list_of(parse_number), default=[2 / 255, 4 / 255, 8 / 255],
+                   help="budgets for pixels in [0, 1], e.g. 2/255,4/255,8/255 (fgsm, pgd)")
+    p.add_argument("--patch-size", type=list_of(int), default=[4], help="patch sides in pixels, e.g. 2,4 (patch)")
+    p.add_argument("--positions", type=int, default=4, help="random patch positions tried per image (patch)")
+    p.add_argument("--steps", type=int, default=20, help="gradient steps (pgd, patch)")
+    p.add_argument("--step-size", type=parse_number, help="step size (default pgd: 2.5·ε/steps; patch: 0.05)")
+    p.add_argument("--restarts", type=int, default=1, help="runs from random starts; each image keeps its worst (pgd)")
+    p.add_argument("--random-start", action=argparse.BooleanOptionalAction, default=True,
+                   help="start from a random point of the budget (pgd, patch; default: on)")
+    p.add_argument("--surrogate", help="craft the attack on this checkpoint and score it on CHECKPOINT (transfer)")
+    p.add_argument("--n", type=int, default=1000, help="attack a seeded random sample of N images (0: all)")
+    p.add_argument("--examples", type=int, default=4, help="images in examples.png")
+    p.add_argument("--data", help="data source (default: the one the model was trained on)")
+    p.add_argument("--data-root", help="where CIFAR archives live")
+    p.add_argument("--split", default="test")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/attack")
 
     p = command("demo", cmd_demo, "train and evaluate on the embedded digits data (no download)")
     p.add_argument("--out", default=DEFAULT_DEMO_OUT)

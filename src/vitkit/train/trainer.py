@@ -22,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from vitkit.attacks import Adversary
 from vitkit.data import Augment, AugmentConfig, DeviceLoader, ImageDataset, channel_stats, load_dataset, train_val_split
 from vitkit.errors import VitkitError
 from vitkit.models import VisionTransformer, num_parameters, preset_config
 from vitkit.plots import plot_learning_curves
+from vitkit.smoothing import Ablation, RandomlyAblated
 from vitkit.train.checkpoint import load_model, load_state, load_weights, save_model, save_state, write_json
 from vitkit.train.config import TrainConfig
 from vitkit.train.evaluate import autocast, classification_metrics, predict_dataset
@@ -122,6 +124,17 @@ class Trainer:
         self.data = prepare_data(cfg, cfg.image_size or (None if data_is_builtin else preset_size))
         self.model = build_model(cfg, self.data.train).to(self.device)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.ablation = (
+            Ablation(cfg.ablation, cfg.ablation_size, self.data.train.image_size, cfg.ablation_stride)
+            if cfg.ablation else None
+        )
+        if self.ablation:  # one random ablation per image, fully masked tokens dropped
+            self.forward = RandomlyAblated(self.forward, self.ablation, patch_size=self.model.cfg.patch_size)
+        # Attacks target the plain model: a compiled one would recompile at each eval/train switch.
+        self.adversary = Adversary(
+            self.model, self.data.mean, self.data.std, attack=cfg.adv, eps=cfg.eps, steps=cfg.adv_steps,
+            step_size=cfg.adv_step_size, norm=cfg.adv_norm, mix=cfg.adv_mix,
+        ) if cfg.adv else None
 
         self.train_loader = DeviceLoader(
             self.data.train, cfg.batch_size, mean=self.data.mean, std=self.data.std, device=self.device,
@@ -149,6 +162,7 @@ class Trainer:
             "std": list(self.data.std),
             "data": self.cfg.data,
             "preset": self.cfg.model,
+            "ablation": self.ablation.to_dict() if self.ablation else None,
             "epoch": self.epoch,
             "metrics": metrics,
         }
@@ -207,6 +221,8 @@ class Trainer:
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not self.progress, leave=False)
         refresh = cfg.log_every or max(1, len(loader) // 10)
         for step, (x, y) in enumerate(bar):
+            if self.adversary:
+                x = self.adversary(x, y)
             with autocast(self.device, cfg.bf16):
                 logits = self.forward(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
@@ -246,11 +262,18 @@ class Trainer:
         model.load_state_dict(self.ema.shadow)
         return model
 
+    def scored(self, model: VisionTransformer) -> torch.nn.Module:
+        """What validation and test accuracy measure: the model on whole images, or, when training on
+        ablations, on one seeded random ablation per image (the same ones every epoch)."""
+        if not self.ablation:
+            return model
+        return RandomlyAblated(model, self.ablation, patch_size=model.cfg.patch_size, seed=self.cfg.seed)
+
     def validate(self) -> dict[str, float]:
         if self.data.val is None:
             return {}
         logits, labels = predict_dataset(
-            self.evaluation_model(), self.data.val, self.data.mean, self.data.std, self.device,
+            self.scored(self.evaluation_model()), self.data.val, self.data.mean, self.data.std, self.device,
             self.cfg.eval_batch_size, self.cfg.bf16,
         )
         m = classification_metrics(logits, labels, self.data.val.classes, prefix="val_")
@@ -295,11 +318,16 @@ class Trainer:
         for split, data in (("val", self.data.val), ("test", self.data.test)):
             if data is not None:
                 logits, labels = predict_dataset(
-                    model, data, self.data.mean, self.data.std, self.device, self.cfg.eval_batch_size, self.cfg.bf16
+                    self.scored(model), data, self.data.mean, self.data.std, self.device, self.cfg.eval_batch_size, self.cfg.bf16
                 )
                 m = classification_metrics(logits, labels, data.classes, prefix=f"{split}_")
                 summary[f"{split}_accuracy"] = m[f"{split}_accuracy"]
                 summary[f"{split}_loss"] = m[f"{split}_loss"]
+        if self.ablation:
+            summary["accuracy_measured_on"] = (
+                f"one random {self.ablation.kind} ablation (b={self.ablation.size}) per image; "
+                "`vitkit certify` gives the smoothed and certified accuracy"
+            )
         summary["checkpoint"] = str(self.out / "best.safetensors")
         write_json(self.out / "summary.json", summary)
         return summary

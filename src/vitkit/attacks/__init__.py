@@ -1,0 +1,32 @@
+"""Adversarial robustness in pixel space: FGSM, PGD (ℓ∞, ℓ2), patch attacks, transfer attacks,
+robust accuracy over a data set, and adversarial training.
+
+Attacks take any module that maps images in [0, 1] (B, C, H, W) to logits; `PixelModel` wraps a ViT
+with its normalisation. A transfer attack is `robust_accuracy(target, ..., surrogate=surrogate)`.
+"""
+
+from vitkit.attacks.evaluate import Attack, Robustness, robust_accuracy
+from vitkit.attacks.noise import image_keys
+from vitkit.attacks.patch import patch_attack, patch_mask
+from vitkit.attacks.pgd import NORMS, fgsm, pgd, project
+from vitkit.attacks.pixel import PixelModel, eval_mode, input_gradient, load_pixel_model
+from vitkit.attacks.training import ATTACKS, Adversary
+
+__all__ = [
+    "ATTACKS",
+    "Adversary",
+    "Attack",
+    "NORMS",
+    "PixelModel",
+    "Robustness",
+    "eval_mode",
+    "fgsm",
+    "image_keys",
+    "input_gradient",
+    "load_pixel_model",
+    "patch_attack",
+    "patch_mask",
+    "pgd",
+    "project",
+    "robust_accuracy",
+]

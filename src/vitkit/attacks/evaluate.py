@@ -1,0 +1,81 @@
+"""Robust accuracy over a data set: clean accuracy, then accuracy under an attack at each strength,
+white-box or transferred from a surrogate model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+from torch import Tensor, nn
+
+from vitkit.attacks.pixel import eval_mode
+
+# attack(model, images, labels, strength, generator) -> adversarial images, e.g.
+# lambda m, x, y, eps, g: pgd(m, x, y, eps, steps=20, generator=g)
+Attack = Callable[[nn.Module, Tensor, Tensor, float, torch.Generator], Tensor]
+
+
+@dataclass
+class Robustness:
+    """Figures of one attack over a data set, as fractions, one per strength (ε, or a patch size)."""
+
+    strengths: list[float]
+    clean_accuracy: float
+    robust_accuracy: list[float]  # right on the clean image and on the adversarial one
+    success_rate: list[float]  # among the images classified right, the share the attack turns wrong
+    images: int
+
+    def summary(self, name: str = "eps") -> dict[str, float]:
+        """Flat figures: clean_accuracy, robust_accuracy_{name}_{strength}, attack_success_rate_{name}_{strength}."""
+        figures: dict[str, float] = {"images": self.images, "clean_accuracy": self.clean_accuracy}
+        for s, robust, success in zip(self.strengths, self.robust_accuracy, self.success_rate):
+            label = f"{s:.4f}" if isinstance(s, float) else str(s)
+            figures[f"robust_accuracy_{name}_{label}"] = robust
+            figures[f"attack_success_rate_{name}_{label}"] = success
+        return figures
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(chain(model.parameters(), model.buffers()), torch.empty(0)).device
+
+
+def robust_accuracy(
+    model: nn.Module, images: Tensor, labels: Tensor, attack: Attack, strengths: Sequence[float], *,
+    surrogate: nn.Module | None = None, batch_size: int = 256, seed: int = 0,
+) -> Robustness:
+    """Clean and robust accuracy of `model` (pixels in [0, 1] to logits) on images (N, C, H, W), uint8
+    or float in [0, 1], with their labels; batches go to the model's device.
+
+    An image counts as robust at a strength when the model is right on it and on its adversarial
+    version, so robust accuracy never exceeds clean accuracy. With `surrogate`, the adversarial images
+    are crafted on the surrogate and scored on `model`: a transfer (black-box) attack.
+    Every batch's attack gets a generator seeded with `seed`; with the attacks of vitkit.attacks,
+    whose randomness is keyed by image, the figures do not depend on the batch size.
+    """
+    device = device_of(model)
+    crafter = surrogate if surrogate is not None else model
+    clean, robust = [], [[] for _ in strengths]
+    with eval_mode(model):
+        for start in range(0, len(labels), batch_size):
+            x = images[start : start + batch_size].to(device)
+            x = x.float() / 255 if x.dtype == torch.uint8 else x
+            y = labels[start : start + batch_size].to(device)
+            with torch.no_grad():
+                right = model(x).argmax(1) == y
+            clean.append(right)
+            for i, strength in enumerate(strengths):
+                adversarial = attack(crafter, x, y, strength, torch.Generator().manual_seed(seed))
+                with torch.no_grad():
+                    robust[i].append(right & (model(adversarial).argmax(1) == y))
+    clean_right = torch.cat(clean)
+    n, n_right = len(labels), max(int(clean_right.sum()), 1)
+    robust_right = [torch.cat(r) for r in robust]
+    return Robustness(
+        strengths=list(strengths),
+        clean_accuracy=int(clean_right.sum()) / n,
+        robust_accuracy=[int(r.sum()) / n for r in robust_right],
+        success_rate=[int((clean_right & ~r).sum()) / n_right for r in robust_right],
+        images=n,
+    )
