@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000, help="images certified with token dropping")
     parser.add_argument("--full-images", type=int, default=0,
                         help="images certified with full-length inputs (default: as many; fewer saves time on a slow run)")
-    parser.add_argument("--ablation-size", type=int, default=4)
+    parser.add_argument("--ablation-size", type=int, help="column width b (default: as trained, else 4)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--max-batch", type=int, default=8192)
     parser.add_argument("--device", default="auto")
@@ -56,7 +56,8 @@ def main() -> None:
         data = ImageDataset(images, torch.randint(0, 10, (args.images,)), [str(c) for c in range(10)], "random")
         mean, std = (0.5,) * 3, (0.25,) * 3
     base = torch.compile(model, dynamic=True) if args.compile else model
-    ablation = Ablation("column", args.ablation_size, tuple(data.image_size))
+    trained = (info.get("ablation") or {}) if args.checkpoint else {}
+    ablation = Ablation("column", args.ablation_size or trained.get("size", 4), tuple(data.image_size))
     report: dict = {
         "benchmark": "certification throughput",
         **environment(device),

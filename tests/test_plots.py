@@ -6,7 +6,15 @@ import torch
 from PIL import Image
 
 from vitkit.errors import VitkitError
-from vitkit.plots import confusion_matrix, plot_confusion_matrix, plot_learning_curves, plot_prediction_grid
+from vitkit.plots import (
+    confusion_matrix,
+    plot_adversarial_examples,
+    plot_certified_accuracy,
+    plot_confusion_matrix,
+    plot_learning_curves,
+    plot_prediction_grid,
+    plot_robustness,
+)
 
 CLASSES = [f"class {i}" for i in range(10)]
 
@@ -93,3 +101,19 @@ def test_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         plot_confusion_matrix(np.eye(2), ["a", "b"], tmp_path / "cm.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_certified_accuracy_and_robustness_curves(tmp_path):
+    plot_certified_accuracy([1, 2, 3], [0.5, 0.4, 0.3], 0.6, 0.55, "column ablation, b=4", tmp_path / "a" / "cert.png")
+    assert_png(tmp_path / "a" / "cert.png")
+    plot_robustness([0, 2 / 255, 8 / 255], [0.9, 0.5, 0.1], tmp_path / "b" / "robust.png", title="pgd")
+    assert_png(tmp_path / "b" / "robust.png")
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_adversarial_examples(tmp_path, channels):
+    clean = torch.rand(2, channels, 8, 8)
+    adversarial = (clean + 0.03 * torch.randn_like(clean)).clamp(0, 1)
+    titles = [("cat (90%)", "perturbation", "dog (60%)")] * 2
+    plot_adversarial_examples(clean, adversarial, titles, [True, False], tmp_path / "examples.png")
+    assert_png(tmp_path / "examples.png")

@@ -202,5 +202,12 @@ def test_certify_reports_and_rederives_from_votes(tmp_path, capsys):
     attacked = json.loads((tmp_path / "lf" / "summary.json").read_text())
     assert attacked["attacked_images"] == 12 and attacked["certified_images_broken_by_attack"] == 0
     assert attacked["certified_accuracy_1x1_on_attacked_images"] <= attacked["empirical_accuracy_1x1"]
-    assert main(["certify", "--out", str(tmp_path / "none")]) == 2
-    assert "either a checkpoint" in capsys.readouterr().err
+    votes = str(out / "votes.safetensors")
+    for args, message in [
+        (["--out", str(tmp_path / "none")], "either a checkpoint"),
+        (["--votes", votes, "--patch-size", "9"], "does not fit 8-pixel images"),
+        (["--votes", votes, "--attack-n", "5"], "needs the model"),
+        ([str(run), "--max-batch", "0", "--device", "cpu"], "max batch 0"),
+    ]:
+        assert main(["certify", *args, "--out", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err

@@ -95,6 +95,7 @@ def test_a_patch_changes_only_the_ablations_it_touches():
             patch = torch.zeros(8, 8, dtype=torch.bool)
             patch[i : i + m, j : j + m] = True
             touched = (ablation.masks(ablation.positions()) & patch).flatten(1).any(1)
+            assert changed.any()  # the patch does reach the model
             assert not changed[~touched].any()
             assert changed.sum() <= touched.sum() <= ablation.delta(m)
 
@@ -145,3 +146,19 @@ def test_wrong_image_size_and_options_are_rejected():
         clf.votes(torch.rand(1, 3, 16, 16))
     with pytest.raises(VitkitError, match="voting rule"):
         smoothed(tiny_vit(), Ablation("column", 2, (8, 8)), rule="majority")
+
+
+@pytest.mark.parametrize("device", [
+    "meta",  # shapes and devices only: catches a tensor left on the CPU without a GPU
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+])
+def test_images_on_another_device(device):
+    model = tiny_vit().to(device)
+    ablation = Ablation("column", 3, (8, 8))
+    x = torch.rand(2, 3, 8, 8, device=device)
+    # Token dropping needs real values (which tokens to keep), so meta runs whole masked images.
+    clf = smoothed(model, ablation, drop_tokens=device != "meta")
+    assert clf.ablation_logits(x).device.type == device
+    assert clf.clean_logits(x).device.type == device
+    if device != "meta":
+        assert clf.votes(x).sum(1).eq(ablation.num_ablations).all()

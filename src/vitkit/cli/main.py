@@ -294,6 +294,8 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
     if (args.checkpoint is None) == (args.votes is None):
         raise VitkitError("pass either a checkpoint to certify or --votes FILE to re-derive a report, not both")
+    if args.votes and args.attack_n:
+        raise VitkitError("--attack-n needs the model: pass the checkpoint instead of --votes")
     out = Path(args.out)
     sizes = parse_patch_sizes(args.patch_sizes)
     summary: dict[str, Any] = {}
@@ -325,7 +327,10 @@ def cmd_certify(args: argparse.Namespace) -> int:
         summary.update(seconds=round(seconds, 2), images_per_second=len(data) / seconds, device=str(device),
                        token_dropping=smoothed.patch_size is not None)
         votes.save(out / "votes.safetensors")
-    sizes = [m for m in sizes if m <= min(votes.ablation.image_size)]
+    side = min(votes.ablation.image_size)
+    if not 1 <= args.patch_size <= side:
+        raise VitkitError(f"--patch-size {args.patch_size} does not fit {side}-pixel images: pass 1 to {side}")
+    sizes = sorted({m for m in sizes if m <= side} | {args.patch_size})  # larger patches cannot be placed
     report = certification_report(votes, sizes, args.patch_size, args.tie_rule)
     if args.attack_n and not args.votes:
         summary.update(_attack_smoothed(smoothed, data, votes, args, report["delta"], device))
@@ -335,7 +340,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
         **report, **summary,
     }
     write_json(out / "summary.json", summary)
-    _write_per_image(votes, largest_certified_patch(votes, max(sizes), args.tie_rule), out / "per_image.csv")
+    _write_per_image(votes, largest_certified_patch(votes, side, args.tie_rule), out / "per_image.csv")
     per_size = [report[f"certified_accuracy_{m}x{m}"] for m in sizes]
     plot_certified_accuracy(sizes, per_size, report["smoothed_accuracy"], report["standard_accuracy"],
                             f"{votes.ablation.kind} ablation, b={votes.ablation.size}", out / "certified_accuracy.png")
@@ -561,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("certify", cmd_certify, "smoothed ViT: certified accuracy against adversarial patches of every size")
     p.add_argument("checkpoint", nargs="?", help="a .safetensors checkpoint or a run folder")
-    p.add_argument("--votes", help="re-derive the report from a votes.safetensors written earlier (no model needed)")
+    p.add_argument("--votes", help="re-derive the report from a votes.safetensors written earlier (no model needed; "
+                                   "only --patch-size, --patch-sizes, --tie-rule and --out apply)")
     p.add_argument("--ablation", choices=["column", "row", "block"],
                    help="ablation family (default: the one the model was trained on, else column)")
     p.add_argument("--ablation-size", type=int, help="band width b (default: as trained, else 4)")

@@ -40,6 +40,7 @@ class Ablation:
     stride: int = 1
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))  # lists compare unequal
         H, W = self.image_size
         if self.kind not in KINDS:
             raise VitkitError(f"unknown ablation {self.kind!r}: use one of {', '.join(KINDS)}")
@@ -117,6 +118,8 @@ def token_masks(pixel_masks: Tensor, patch_size: int) -> Tensor:
     """(A, N) bool: the patch tokens an ablation keeps at least one pixel of (row-major over the grid)."""
     A, H, W = pixel_masks.shape
     P = patch_size
+    if H % P or W % P:
+        raise VitkitError(f"{H}×{W} images do not split into {P}×{P} patches: use the model's image size")
     return pixel_masks.reshape(A, H // P, P, W // P, P).any(dim=(2, 4)).reshape(A, -1)
 
 

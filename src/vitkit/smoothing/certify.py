@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -85,14 +85,12 @@ class Votes:
     @classmethod
     def load(cls, path: str | Path) -> Votes:
         try:
-            tensors = load_file(str(path))
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {})["vitkit_votes"])
-        except (SafetensorError, OSError, KeyError) as e:
-            raise VitkitError(f"{path} is not a votes file written by `vitkit certify` ({e}): pass its votes.safetensors") from None
-        ablation = Ablation.from_dict(meta.pop("ablation"))
+                tensors = {k: f.get_tensor(k) for k in ("counts", "labels", "base_predictions")}
+            ablation = Ablation.from_dict(meta.pop("ablation"))
+        except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
+            raise VitkitError(f"{path} is not a votes file written by `vitkit certify` ({e!r}): pass its votes.safetensors") from None
         return cls(tensors["counts"].long(), tensors["labels"], tensors["base_predictions"], ablation, meta)
 
 
@@ -133,23 +131,29 @@ def collect_votes(
     progress: bool = True, info: dict[str, Any] | None = None, bf16: bool = False,
 ) -> Votes:
     """Votes of `smoothed` on every image of `data`, plus the base model's clean prediction.
-    `bf16`: bfloat16 autocast on CUDA (votes are argmaxes, robust to it; ignored elsewhere)."""
+    `bf16`: bfloat16 autocast on CUDA (ignored elsewhere). A certificate holds for the votes of the
+    computation that produced them: bf16, like any change of kernels, can flip an ablation whose top
+    two logits nearly tie."""
     from vitkit.train.evaluate import autocast
 
+    if batch_size < 1:
+        raise VitkitError(f"batch size {batch_size} is not positive: pass e.g. --batch-size 256")
     counts, base = [], []
-    bar = tqdm(total=len(data), desc="certify", unit="img", disable=not progress, leave=False)
     was_training = smoothed.base.training
     smoothed.base.eval()
-    for start in range(0, len(data), batch_size):
-        x = data.images[start : start + batch_size].to(device).float().div_(255)
-        with autocast(device, bf16):
-            counts.append(smoothed.votes(x).cpu())
-            base.append(smoothed.clean_logits(x).argmax(1).cpu())
-        bar.update(len(x))
-    bar.close()
-    smoothed.base.train(was_training)
+    try:
+        with tqdm(total=len(data), desc="certify", unit="img", disable=not progress, leave=False) as bar:
+            for start in range(0, len(data), batch_size):
+                x = data.images[start : start + batch_size].to(device).float().div_(255)
+                with autocast(device, bf16):
+                    counts.append(smoothed.votes(x).cpu())
+                    base.append(smoothed.clean_logits(x).argmax(1).cpu())
+                bar.update(len(x))
+    finally:
+        smoothed.base.train(was_training)
+    threshold = smoothed.threshold if smoothed.rule == "threshold" else None
     return Votes(torch.cat(counts), data.labels.clone(), torch.cat(base), smoothed.ablation,
-                 {"classes": list(data.classes), "rule": smoothed.rule, "threshold": smoothed.threshold, **(info or {})})
+                 {"classes": list(data.classes), "rule": smoothed.rule, "threshold": threshold, **(info or {})})
 
 
 

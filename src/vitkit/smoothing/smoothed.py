@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.errors import VitkitError
@@ -62,6 +61,8 @@ class SmoothedClassifier(nn.Module):
             raise VitkitError(f"unknown voting rule {rule!r}: use one of {', '.join(RULES)}")
         if encoding not in ENCODINGS:
             raise VitkitError(f"unknown encoding {encoding!r}: use one of {', '.join(ENCODINGS)}")
+        if max_batch < 1:
+            raise VitkitError(f"max batch {max_batch} is not positive: pass e.g. --max-batch 4096")
         if rule == "threshold" and not 0 < threshold <= 1:
             raise VitkitError(f"voting threshold {threshold} must lie in (0, 1]: Levine & Feizi use 0.2 to 0.3")
         self.base = base
@@ -98,7 +99,7 @@ class SmoothedClassifier(nn.Module):
                 "resize them or build the ablation for their size"
             )
         positions = self.ablation.positions(x.device)
-        inputs = x if self.encoding == "levine_feizi" else (x - self.mean) / self.std
+        inputs = x if self.encoding == "levine_feizi" else self.normalize(x)
         B, A = len(x), len(positions)
         out = None
         for pairs in self._chunks(B):
@@ -113,17 +114,22 @@ class SmoothedClassifier(nn.Module):
             out[image, abl] = logits
         return out
 
+    def normalize(self, x: Tensor) -> Tensor:
+        # The statistics follow the images: the classifier need not be moved with .to(device).
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
     def clean_logits(self, x: Tensor) -> Tensor:
         """The base model on the whole, unablated image, in the classifier's encoding ("standard accuracy")."""
         if self.encoding == "levine_feizi":
             return self.base(levine_feizi_encoding(x, torch.ones_like(x[:, 0], dtype=torch.bool)))
-        return self.base((x - self.mean) / self.std)
+        return self.base(self.normalize(x))
 
     def votes_from_logits(self, logits: Tensor) -> Tensor:
         """(B, classes) int64 vote counts from (B, A, classes) ablation logits."""
-        C = logits.shape[-1]
-        if self.rule == "top":
-            return F.one_hot(logits.argmax(-1), C).sum(1)
+        B, A, C = logits.shape
+        if self.rule == "top":  # a scatter, not a (B, A, C) one-hot: cheap with a thousand classes
+            top = logits.argmax(-1)
+            return torch.zeros(B, C, dtype=torch.long, device=logits.device).scatter_add_(1, top, torch.ones_like(top))
         return (logits.float().softmax(-1) >= self.threshold).sum(1)
 
     @torch.no_grad()
@@ -142,6 +148,7 @@ class SmoothedClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """A differentiable stand-in for the vote, for attacks: log of the mean softmax over the ablations.
-        (The vote itself has no gradient.)"""
+        (The vote itself has no gradient.) Runs the base model in its current mode, as `ablation_logits`
+        does: the attacks of vitkit.attacks switch to eval mode themselves."""
         probs = self.ablation_logits(x).float().softmax(-1).mean(1)
         return probs.clamp_min(1e-12).log()
