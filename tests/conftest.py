@@ -6,6 +6,7 @@ import pytest
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 CIFAR_JPG = SHARED / "datasets" / "cifar10-jpg.tar.gz"
+WEIGHTS = SHARED / "weights" / "deit_tiny_patch16_224.safetensors"
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -19,6 +20,9 @@ def private_cache(tmp_path_factory):
 
 requires_cifar = pytest.mark.skipif(
     not CIFAR_JPG.is_file(), reason=f"the CIFAR-10 copy is not at {CIFAR_JPG} (see ../shared/datasets/README.md)"
+)
+requires_weights = pytest.mark.skipif(
+    not WEIGHTS.is_file(), reason=f"the DeiT-Tiny weights are not at {WEIGHTS} (see ../shared/weights/README.md)"
 )
 
 

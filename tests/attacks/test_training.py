@@ -1,12 +1,14 @@
-"""Adversarial training: the batch the trainer sees, and a run end to end."""
+"""Adversarial training: the batch the trainer sees, TRADES's attack and loss, and runs end to end."""
 
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import tiny_vit
-from vitkit.attacks import Adversary
+from vitkit.attacks import Adversary, PixelModel, Trades, kl_divergence, project, trades_example
+from vitkit.attacks.noise import draw_seed, image_keys, normal
 from vitkit.errors import VitkitError
 from vitkit.train import TrainConfig, train
 
@@ -39,10 +41,71 @@ def test_adversarial_training_runs_and_is_saved(tmp_path):
     assert saved["adv"] == "pgd" and saved["eps"] == 0.1 and saved["adv_mix"] == 0.0
 
 
+@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
+def test_trades_example_stays_in_the_ball_and_the_box(model, batch, norm, eps):
+    pixels, _ = batch
+    model.train()
+    adversarial = trades_example(model, pixels, eps, steps=3, step_size=eps / 2, norm=norm)
+    assert model.training and model.model.training
+    delta = (adversarial - pixels).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    assert (size <= eps + 1e-5).all() and (size > eps / 2).all()  # well beyond the 0.001 start
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+
+
+def test_trades_attack_raises_the_kl_over_its_start(model, batch):
+    pixels, _ = batch
+    eps = 8 / 255
+    adversarial = trades_example(model, pixels, eps, steps=5, step_size=2 / 255,
+                                 generator=torch.Generator().manual_seed(3))
+    # The same start, rebuilt from the same seed: x + 0.001·N(0, I) keyed by image.
+    noise = normal(image_keys(pixels, draw_seed(torch.Generator().manual_seed(3))), 0, tuple(pixels.shape[1:]))
+    start = project(pixels + 0.001 * noise, pixels, eps, "linf")
+    with torch.no_grad():
+        target = model(pixels).softmax(1)
+        at_start, at_end = kl_divergence(model(start), target), kl_divergence(model(adversarial), target)
+    assert (at_start > 0).all() and (at_end > 100 * at_start).all()
+
+
+def test_trades_loss_is_cross_entropy_plus_beta_kl(batch):
+    pixels, labels = batch
+    vit = tiny_vit().train()
+    mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
+    x = (pixels - mean) / std
+    soft = 0.7 * F.one_hot(labels, 4) + 0.3 * F.one_hot(labels.roll(1), 4)  # mixup's soft targets
+    logits = vit(x).detach().requires_grad_(True)
+    trades = Trades(vit, MEAN, STD, beta=6.0, eps=8 / 255, steps=2, step_size=4 / 255)
+    torch.manual_seed(5)
+    loss = F.cross_entropy(logits, soft) + trades.loss(vit, x, logits)  # as the trainer adds them
+
+    torch.manual_seed(5)  # the same start: its seed comes from torch's global generator
+    adversarial = trades_example(PixelModel(vit, MEAN, STD), pixels, 8 / 255, steps=2, step_size=4 / 255)
+    p, q = logits.softmax(1), vit((adversarial - mean) / std).softmax(1)
+    by_hand = -(soft * logits.log_softmax(1)).sum(1).mean() + 6.0 * (p * (p.log() - q.log())).sum(1).mean()
+    assert torch.allclose(loss, by_hand, atol=1e-5)
+    assert vit.training
+    # The KL term is differentiated through the clean side too (as in Zhang et al.'s code).
+    (grad,) = torch.autograd.grad(trades.loss(vit, x, logits), logits)
+    assert grad.abs().sum() > 0
+
+
+def test_trades_training_runs_and_is_saved(tmp_path):
+    cfg = TrainConfig(data="digits", model="vit_digits", epochs=1, batch_size=128, lr=2e-3, warmup_epochs=0,
+                      mixup=0.2, label_smoothing=0.1, adv="trades", eps=0.1, adv_steps=2, adv_step_size=0.05,
+                      trades_beta=3.0, device="cpu")
+    summary = train(cfg, tmp_path, progress=False)
+    assert 0 <= summary["test_accuracy"] <= 1
+    assert (tmp_path / "best.safetensors").is_file()
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["adv"] == "trades" and saved["trades_beta"] == 3.0
+
+
 @pytest.mark.parametrize(
     "options,message",
     [(dict(adv="cw"), "unknown adversarial attack"), (dict(adv="pgd", adv_mix=1.0), "--adv-mix"),
-     (dict(adv="pgd", eps=0.0), "--eps"), (dict(adv_norm="l1"), "--adv-norm")],
+     (dict(adv="pgd", eps=0.0), "--eps"), (dict(adv_norm="l1"), "--adv-norm"),
+     (dict(adv="trades", adv_mix=0.0), "--adv-mix does not apply to --adv trades"),
+     (dict(adv="trades", trades_beta=-1.0), "--trades-beta")],
 )
 def test_bad_adversarial_options_are_explained(options, message):
     with pytest.raises(VitkitError, match=message):

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from vitkit.models import create_model
+from vitkit.models import create_model, freeze_blocks
 from vitkit.train.config import TrainConfig
-from vitkit.train.optim import EMA, build_scheduler, lr_factor, param_groups
+from vitkit.train.optim import EMA, build_optimizer, build_scheduler, lr_factor, param_groups
 
 
 def test_warmup_then_cosine():
@@ -53,6 +53,24 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
     assert "blocks.0.attn.qkv.weight" in decayed and "head.weight" in decayed
     assert not any(n.endswith("bias") or "norm" in n or n in ("cls_token", "pos_embed") for n in decayed)
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_layer_decay_scales_each_layer_and_frozen_parameters_are_left_out():
+    model = create_model("vit_digits")  # 4 blocks
+    freeze_blocks(model, 1)
+    cfg = TrainConfig(lr=0.1, layer_decay=0.5, pretrained="weights.safetensors", freeze_blocks=1)
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    lr = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert optimizer.param_groups[0]["lr"] == 0.1  # the head's rate first: the one the log shows
+    assert lr[id(names["head.weight"])] == lr[id(names["norm.bias"])] == 0.1
+    for i in (1, 2, 3):  # block i of 4 at lr·0.5^(4-i)
+        assert lr[id(names[f"blocks.{i}.mlp.fc1.weight"])] == pytest.approx(0.1 * 0.5 ** (4 - i))
+    frozen = [n for n in names if n.startswith(("patch_embed", "cls_token", "pos_embed", "blocks.0."))]
+    assert frozen and not any(id(names[n]) in lr for n in frozen)
+    assert len(lr) == len(names) - len(frozen)
+    scales = {g["lr_scale"] for g in param_groups(create_model("vit_digits"), 0.05, 0.5)}
+    assert min(scales) == 0.5**5  # patch and position embeddings and class token, when trained
 
 
 def test_ema_follows_the_formula():

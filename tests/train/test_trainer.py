@@ -17,7 +17,12 @@ def tiny_config(**overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
-@pytest.mark.parametrize("extra", [{}, {"ablation": "column", "ablation_size": 2}], ids=["whole", "ablated"])
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"ablation": "column", "ablation_size": 2},
+     {"adv": "trades", "eps": 0.1, "adv_steps": 1, "adv_step_size": 0.1}],
+    ids=["whole", "ablated", "trades"],
+)
 def test_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch, extra):
     straight = tmp_path / "straight"
     train(tiny_config(**extra), straight, progress=False)

@@ -1,5 +1,5 @@
 """Adversarial robustness in pixel space: FGSM, PGD (ℓ∞, ℓ2), patch attacks, transfer attacks,
-robust accuracy over a data set, and adversarial training.
+robust accuracy over a data set, and adversarial training (Madry et al.'s and TRADES).
 
 Attacks take any module that maps images in [0, 1] (B, C, H, W) to logits; `PixelModel` wraps a ViT
 with its normalisation. A transfer attack is `robust_accuracy(target, ..., surrogate=surrogate)`.
@@ -10,7 +10,7 @@ from vitkit.attacks.noise import image_keys
 from vitkit.attacks.patch import patch_attack, patch_mask
 from vitkit.attacks.pgd import NORMS, fgsm, pgd, project
 from vitkit.attacks.pixel import PixelModel, eval_mode, input_gradient, load_pixel_model
-from vitkit.attacks.training import ATTACKS, Adversary
+from vitkit.attacks.training import ATTACKS, Adversary, Trades, kl_divergence, trades_example
 
 __all__ = [
     "ATTACKS",
@@ -19,14 +19,17 @@ __all__ = [
     "NORMS",
     "PixelModel",
     "Robustness",
+    "Trades",
     "eval_mode",
     "fgsm",
     "image_keys",
     "input_gradient",
+    "kl_divergence",
     "load_pixel_model",
     "patch_attack",
     "patch_mask",
     "pgd",
     "project",
     "robust_accuracy",
+    "trades_example",
 ]

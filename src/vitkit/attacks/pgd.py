@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.attacks.noise import draw_seed, image_keys, normal, uniform
-from vitkit.attacks.pixel import check_pixels, eval_mode, input_gradient
+from vitkit.attacks.pixel import Loss, check_pixels, cross_entropy, eval_mode, input_gradient
 from vitkit.errors import VitkitError
 
 NORMS = ("linf", "l2")
@@ -60,13 +60,14 @@ def start_in_ball(images: Tensor, keys: Tensor, attempt: int, eps: float, norm: 
 
 def ascend(
     model: nn.Module, images: Tensor, labels: Tensor, start: Tensor, *, steps: int, step_size: float, eps: float,
-    norm: str, targeted: bool = False, mask: Tensor | None = None,
+    norm: str, targeted: bool = False, mask: Tensor | None = None, loss: Loss = cross_entropy,
 ) -> Tensor:
     """`steps` projected steps from `start` up the loss of `labels` (down it when targeted); with a
-    mask (broadcastable to the images), only the pixels where it is 1 move."""
+    mask (broadcastable to the images), only the pixels where it is 1 move. `loss` compares the
+    logits with `labels` (default the cross-entropy with classes)."""
     adversarial = start
     for _ in range(steps):
-        _, grad = input_gradient(model, adversarial, labels)
+        _, grad = input_gradient(model, adversarial, labels, loss)
         if targeted:
             grad = -grad
         if mask is not None:
@@ -112,7 +113,8 @@ def _score(model: nn.Module, adversarial: Tensor, labels: Tensor, targeted: bool
     return (-loss, hit) if targeted else (loss, ~hit)
 
 
-def _check_budget(eps: float, norm: str) -> None:
+def check_budget(eps: float, norm: str) -> None:
+    """Raises a VitkitError for an unknown norm or an ε that is negative, infinite or NaN."""
     if norm not in NORMS:
         raise VitkitError(f"unknown norm {norm!r}: use one of {', '.join(NORMS)}")
     if not 0 <= eps < float("inf"):
@@ -127,7 +129,7 @@ def fgsm(
     labels: the true classes, or the target classes when `targeted` (their loss is then lowered).
     """
     check_pixels(images, labels)
-    _check_budget(eps, norm)
+    check_budget(eps, norm)
     with eval_mode(model):
         _, grad = input_gradient(model, images, labels)
     step = ascent_direction(-grad if targeted else grad, norm)
@@ -149,7 +151,7 @@ def pgd(
     generator: where the seed of the random starts comes from (default torch's global generator).
     """
     check_pixels(images, labels)
-    _check_budget(eps, norm)
+    check_budget(eps, norm)
     if steps < 1 or restarts < 1:
         raise VitkitError(f"PGD needs at least one step and one run, got steps={steps}, restarts={restarts}")
     if restarts > 1 and not random_start:

@@ -7,7 +7,7 @@ Mixing the two spaces is the classic source of wrong robustness figures.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -61,15 +61,27 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
-def input_gradient(model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-image cross-entropy losses (B,) and their gradient with respect to the images.
+# loss(logits, targets) -> per-image losses (B,): what an attack raises.
+Loss = Callable[[Tensor, Tensor], Tensor]
+
+
+def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-image cross-entropy (B,): the loss of every attack unless told otherwise."""
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def input_gradient(
+    model: nn.Module, images: Tensor, labels: Tensor, loss: Loss = cross_entropy
+) -> tuple[Tensor, Tensor]:
+    """Per-image losses `loss(model(images), labels)` (B,), the cross-entropy by default, and their
+    gradient with respect to the images.
 
     Only the input gets a gradient: torch.autograd.grad leaves the parameters' .grad and
     requires_grad alone and skips the weight-gradient work. Works inside torch.no_grad too.
     """
     with torch.enable_grad():
         x = images.detach().requires_grad_(True)
-        losses = F.cross_entropy(model(x), labels, reduction="none")
+        losses = loss(model(x), labels)
         (grad,) = torch.autograd.grad(losses.sum(), x)
     return losses.detach(), grad
 

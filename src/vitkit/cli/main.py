@@ -320,7 +320,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
             drop_tokens=not args.no_token_dropping, max_batch=args.max_batch,
         )
         start = time.perf_counter()
-        votes = collect_votes(smoothed, data, device, args.batch_size, progress=not args.quiet,
+        votes = collect_votes(smoothed, data, device, args.batch_size, progress=not args.quiet, bf16=args.bf16,
                               info={"checkpoint": str(args.checkpoint), "data": args.data or info["data"],
                                     "split": args.split})
         seconds = time.perf_counter() - start
@@ -591,6 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=0, help="certify a seeded random sample of N images (default: all)")
     p.add_argument("--batch-size", type=int, default=256, help="images per step")
     p.add_argument("--max-batch", type=int, default=4096, help="ablated images per forward")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA (faster; votes of near-ties may differ)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")

@@ -1,6 +1,13 @@
-"""Vision Transformer models: the architecture, presets and position embeddings."""
+"""Vision Transformer models: the architecture, presets, position embeddings and pre-trained weights."""
 
 from vitkit.models.pos_embed import resample_pos_embed, sincos_1d, sincos_2d
+from vitkit.models.pretrained import (
+    freeze_blocks,
+    load_pretrained,
+    read_pretrained,
+    resample_patch_projection,
+    timm_state_dict_from_hf,
+)
 from vitkit.models.presets import PRESETS, create_model, preset_config
 from vitkit.models.vit import Attention, Block, PatchEmbed, ViTConfig, VisionTransformer, num_parameters
 
@@ -12,9 +19,14 @@ __all__ = [
     "ViTConfig",
     "VisionTransformer",
     "create_model",
+    "freeze_blocks",
+    "load_pretrained",
     "num_parameters",
     "preset_config",
+    "read_pretrained",
+    "resample_patch_projection",
     "resample_pos_embed",
     "sincos_1d",
     "sincos_2d",
+    "timm_state_dict_from_hf",
 ]

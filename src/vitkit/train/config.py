@@ -36,6 +36,11 @@ class TrainConfig:
     pool: str | None = _opt(None, "head input: cls (class token) or mean (mean of patch tokens)")
     dropout: float | None = _opt(None, "dropout rate")
     drop_path: float | None = _opt(None, "stochastic depth rate of the last block")
+    pretrained: str | None = _opt(None, "timm/HF weights: a local file or a hub name (e.g. "
+                                        "deit_tiny_patch16_224.fb_in1k); the weights' shape overrides the "
+                                        "preset's, which then only gives defaults")
+    freeze_blocks: int = _opt(0, "with --pretrained: freeze the patch/position embeddings, class token and the "
+                                 "first N blocks (seed 001: 6; 0: none)")
     # optimisation
     epochs: int = _opt(60, "training epochs")
     batch_size: int = _opt(128, "batch size")
@@ -50,6 +55,8 @@ class TrainConfig:
     gamma: float = _opt(0.1, "decay factor of the step and multistep schedules")
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy")
     grad_clip: float = _opt(0.0, "clip the gradient norm to this value (0: off)")
+    layer_decay: float = _opt(1.0, "layer-wise learning-rate decay: block i (from 0) of L learns at lr·decay^(L-i), "
+                                   "the embeddings at lr·decay^(L+1) (1: off; e.g. 0.65 for fine-tuning)")
     ema: float = _opt(0.0, "decay of an exponential moving average of the weights (0: off; e.g. 0.999)")
     bf16: bool = _opt(True, "bfloat16 autocast on CUDA (ignored on CPU)")
     compile: bool = _opt(False, "torch.compile the model")
@@ -66,13 +73,17 @@ class TrainConfig:
     ablation: str | None = _opt(None, "train on one random ablation per image: column, row or block (default: off)")
     ablation_size: int = _opt(4, "ablation band width b in pixels (columns/rows kept, or the block side)")
     ablation_stride: int = _opt(1, "ablation start positions every s pixels")
-    # adversarial training (Madry et al. 2018); `vitkit attack` measures the robustness it buys
-    adv: str | None = _opt(None, "train on adversarial examples made by pgd or fgsm (Madry et al.)")
+    # adversarial training (Madry et al. 2018, TRADES); `vitkit attack` measures the robustness it buys
+    adv: str | None = _opt(None, "adversarial training: pgd or fgsm examples in the batch (Madry et al.), or trades "
+                                 "(clean batch + β·KL to the prediction on a PGD example; Zhang et al. 2019)")
     eps: float = _opt(8 / 255, "adversarial training budget, for pixels in [0, 1] (e.g. 8/255)")
     adv_norm: str = _opt("linf", "adversarial training budget norm: linf or l2")
     adv_steps: int = _opt(7, "PGD steps per batch")
     adv_step_size: float = _opt(2 / 255, "PGD step size, for pixels in [0, 1] (e.g. 2/255)")
-    adv_mix: float = _opt(0.5, "share of each batch kept clean (seed 002's half-half: 0.5; Madry et al.: 0)")
+    adv_mix: float = _opt(0.5, "pgd, fgsm: share of each batch kept clean (seed 002's half-half: 0.5; Madry et al.: 0); "
+                               "left at its default by trades, which trains on whole clean batches")
+    trades_beta: float = _opt(6.0, "trades: weight β of the KL term (Zhang et al.: 6; a higher β gives up clean "
+                                   "accuracy for robustness)")
     # run
     seed: int = _opt(0, "random seed (data order, augmentation, initialisation)")
     device: str = _opt("auto", "cuda, mps, cpu or auto")
@@ -92,13 +103,23 @@ class TrainConfig:
             (self.optimizer in ("adamw", "sgd"), f"unknown optimizer {self.optimizer!r}: use adamw or sgd"),
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}"),
             (0 <= self.ema < 1, "--ema must lie in [0, 1)"),
+            (0 < self.layer_decay <= 1, "--layer-decay must lie in (0, 1] (1: off)"),
+            (self.freeze_blocks >= 0, "--freeze-blocks must be 0 (none) or a positive number of blocks"),
+            (self.pretrained or not self.freeze_blocks,
+             "--freeze-blocks keeps pre-trained blocks fixed: give --pretrained weights, or drop it"),
             (self.ablation in (None, "column", "row", "block"),
              f"unknown ablation {self.ablation!r}: use column, row or block"),
-            (self.adv in (None, "pgd", "fgsm"), f"unknown adversarial attack {self.adv!r}: use pgd or fgsm"),
+            (self.adv in (None, "pgd", "fgsm", "trades"),
+             f"unknown adversarial attack {self.adv!r}: use pgd, fgsm or trades"),
             (self.adv_norm in ("linf", "l2"), f"unknown --adv-norm {self.adv_norm!r}: use linf or l2"),
             (self.eps > 0 and self.adv_steps > 0 and self.adv_step_size > 0,
              "--eps, --adv-steps and --adv-step-size must be positive"),
             (0 <= self.adv_mix < 1, "--adv-mix (the share of each batch kept clean) must lie in [0, 1)"),
+            # The default cannot be told from an explicit 0.5, which is therefore ignored (see the help).
+            (self.adv != "trades" or self.adv_mix == 0.5,
+             "--adv-mix does not apply to --adv trades (it trains on whole clean batches): leave it out, "
+             "or use --adv pgd for a clean/adversarial mix"),
+            (0 <= self.trades_beta < float("inf"), "--trades-beta must be a finite non-negative weight, e.g. 6"),
         ]
         for ok, message in checks:
             if not ok:

@@ -13,21 +13,40 @@ from vitkit.train.config import TrainConfig
 NO_DECAY_NAMES = ("cls_token", "pos_embed", "dist_token")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: matrices decayed; norms, biases and embeddings not."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """Matrices decayed; norms, biases and embeddings not; frozen parameters left out.
+
+    Each group has an "lr_scale": layer_decay^(L + 1 - layer) for a ViT of L blocks, where the embeddings are
+    layer 0, block i is layer i + 1 and the final norm and head layer L + 1 (layer-wise learning-rate decay,
+    BEiT's fine-tuning: the layers nearest the input change least). Without decay that is two groups,
+    decayed first; otherwise a pair per layer. The head's come first, so param_groups[0] has the peak rate.
+    """
+    depth = len(model.blocks) if layer_decay != 1 else 0  # without decay, any module: every scale is 1
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES
+        scale = layer_decay ** (depth + 1 - layer_index(name, depth))
+        groups.setdefault((scale, no_decay), []).append(p)
+    return [
+        {"params": params, "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale}
+        for (scale, no_decay), params in sorted(groups.items(), key=lambda item: (-item[0][0], item[0][1]))
+    ]
+
+
+def layer_index(name: str, depth: int) -> int:
+    """A ViT parameter's layer: 0 for the patch and position embeddings and class token, i + 1 for block i,
+    depth + 1 for the final norm and the head."""
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    if name.startswith(("norm.", "head.")):
+        return depth + 1
+    return 0
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    groups = [{**g, "lr": cfg.lr * g["lr_scale"]} for g in param_groups(model, cfg.weight_decay, cfg.layer_decay)]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     # The fused kernel is one launch for all parameters on CUDA; on CPU the default (foreach) is fastest.

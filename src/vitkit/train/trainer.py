@@ -22,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from vitkit.attacks import Adversary
+from vitkit.attacks import ATTACKS, Adversary, Trades
 from vitkit.data import Augment, AugmentConfig, DeviceLoader, ImageDataset, channel_stats, load_dataset, train_val_split
 from vitkit.errors import VitkitError
-from vitkit.models import VisionTransformer, num_parameters, preset_config
+from vitkit.models import (
+    VisionTransformer, freeze_blocks, load_pretrained, num_parameters, preset_config, read_pretrained,
+)
 from vitkit.plots import plot_learning_curves
 from vitkit.smoothing import Ablation, RandomlyAblated
 from vitkit.train.checkpoint import load_model, load_state, load_weights, save_model, save_state, write_json
@@ -74,8 +76,11 @@ def prepare_data(cfg: TrainConfig, image_size: int | None) -> DataSplits:
 
 
 def build_model(cfg: TrainConfig, data: ImageDataset) -> VisionTransformer:
-    """The preset, with the data set's classes, channels and image size."""
-    model_cfg = preset_config(
+    """The preset, with the data set's classes, channels and image size, or the --pretrained weights adapted
+    to them; the embeddings and first --freeze-blocks blocks frozen."""
+    if data.image_size[0] != data.image_size[1]:
+        raise VitkitError(f"images of {data.image_size[0]}×{data.image_size[1]} are not square: pass --image-size")
+    model = pretrained_model(cfg, data) if cfg.pretrained else VisionTransformer(preset_config(
         cfg.model,
         num_classes=data.num_classes,
         in_channels=data.channels,
@@ -89,10 +94,28 @@ def build_model(cfg: TrainConfig, data: ImageDataset) -> VisionTransformer:
         pool=cfg.pool,
         dropout=cfg.dropout,
         drop_path=cfg.drop_path,
+    ))
+    freeze_blocks(model, cfg.freeze_blocks)
+    return model
+
+
+def pretrained_model(cfg: TrainConfig, data: ImageDataset) -> VisionTransformer:
+    """The --pretrained weights with the data set's classes (a new head) and image size (resampled position
+    embeddings), and --patch-size, --heads, --pool, --dropout, --drop-path where given."""
+    fixed = [f"--{name.replace('_', '-')}" for name in ("dim", "depth", "mlp_dim", "pos_embed") if getattr(cfg, name)]
+    if fixed:
+        raise VitkitError(f"{', '.join(fixed)} cannot change the shape of the --pretrained weights: drop them")
+    options = {name: getattr(cfg, name) for name in ("pool", "dropout", "drop_path") if getattr(cfg, name) is not None}
+    model = load_pretrained(
+        cfg.pretrained, num_classes=data.num_classes, image_size=data.image_size[0], patch_size=cfg.patch_size,
+        heads=cfg.heads, **options,
     )
-    if data.image_size[0] != data.image_size[1]:
-        raise VitkitError(f"images of {data.image_size[0]}×{data.image_size[1]} are not square: pass --image-size")
-    return VisionTransformer(model_cfg)
+    if model.cfg.in_channels != data.channels:
+        raise VitkitError(
+            f"the --pretrained weights take {model.cfg.in_channels}-channel images but {cfg.data} has "
+            f"{data.channels}-channel ones: use data with {model.cfg.in_channels} channels"
+        )
+    return model
 
 
 def augment_config(cfg: TrainConfig) -> AugmentConfig:
@@ -118,10 +141,13 @@ class Trainer:
         self.device = select_device(cfg.device)
         torch.manual_seed(cfg.seed)
 
-        # ImageFolder sources are resized to the preset's size unless told otherwise.
-        preset_size = preset_config(cfg.model).image_size
+        # ImageFolder sources are resized to the preset's size (the pre-trained weights') unless told otherwise.
         data_is_builtin = cfg.data in ("digits", "cifar10", "cifar100")
-        self.data = prepare_data(cfg, cfg.image_size or (None if data_is_builtin else preset_size))
+        if cfg.image_size or data_is_builtin:
+            image_size = cfg.image_size
+        else:
+            image_size = (read_pretrained(cfg.pretrained)[1] if cfg.pretrained else preset_config(cfg.model)).image_size
+        self.data = prepare_data(cfg, image_size)
         self.model = build_model(cfg, self.data.train).to(self.device)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.ablation = (
@@ -134,7 +160,11 @@ class Trainer:
         self.adversary = Adversary(
             self.model, self.data.mean, self.data.std, attack=cfg.adv, eps=cfg.eps, steps=cfg.adv_steps,
             step_size=cfg.adv_step_size, norm=cfg.adv_norm, mix=cfg.adv_mix,
-        ) if cfg.adv else None
+        ) if cfg.adv in ATTACKS else None
+        self.trades = Trades(
+            self.model, self.data.mean, self.data.std, beta=cfg.trades_beta, eps=cfg.eps, steps=cfg.adv_steps,
+            step_size=cfg.adv_step_size, norm=cfg.adv_norm,
+        ) if cfg.adv == "trades" else None
 
         self.train_loader = DeviceLoader(
             self.data.train, cfg.batch_size, mean=self.data.mean, std=self.data.std, device=self.device,
@@ -226,6 +256,8 @@ class Trainer:
             with autocast(self.device, cfg.bf16):
                 logits = self.forward(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                if self.trades:
+                    loss = loss + self.trades.loss(self.forward, x, logits)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -307,7 +339,7 @@ class Trainer:
         model, _ = load_model(self.out / "best.safetensors", self.device)
         summary: dict[str, Any] = {
             "data": self.cfg.data,
-            "model": self.cfg.model,
+            "model": self.cfg.pretrained or self.cfg.model,  # the preset gives no shape to pre-trained weights
             "parameters": num_parameters(model),
             "device": str(self.device),
             "epochs": self.cfg.epochs,
