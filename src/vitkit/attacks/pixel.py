@@ -35,6 +35,10 @@ class PixelModel(nn.Module):
     def normalize(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
 
+    def to_pixels(self, x: Tensor) -> Tensor:
+        """Normalised images back in [0, 1]; the clamp absorbs the rounding of the round trip."""
+        return (x * self.std + self.mean).clamp(0, 1)
+
     def forward(self, x: Tensor) -> Tensor:
         return self.model(self.normalize(x))
 

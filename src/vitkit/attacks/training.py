@@ -39,8 +39,7 @@ class Adversary:
         if n_clean == len(x):  # a small batch with a mix near 1
             return x
         m = self.pixel_model
-        # The clamp absorbs the rounding of the round trip through normalised space.
-        pixels = (x[n_clean:] * m.std + m.mean).clamp(0, 1)
+        pixels = m.to_pixels(x[n_clean:])
         hard = y[n_clean:] if y.ndim == 1 else y[n_clean:].argmax(1)
         if self.attack == "fgsm":
             adversarial = fgsm(m, pixels, hard, self.eps, norm=self.norm)
@@ -94,7 +93,7 @@ class Trades:
         normalised batch; logits: forward(x), with their graph, so the gradient reaches both sides.
         """
         m = self.pixel_model
-        pixels = (x * m.std + m.mean).clamp(0, 1)  # as in Adversary: absorbs the round trip's rounding
+        pixels = m.to_pixels(x)
         # In float32 even under the trainer's bf16 autocast (as Adversary's attacks, which run before it):
         # the KL near the start is far below bf16's resolution.
         with torch.autocast(x.device.type, enabled=False):
