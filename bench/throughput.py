@@ -7,6 +7,14 @@ speed or background load hit both alike, and the median step time is reported.
 
     PYTHONPATH=src python bench/throughput.py --steps 10
     PYTHONPATH=src python bench/throughput.py --device cuda --bf16 --compile
+
+With `--data` (CIFAR-10: `cifar10` or the JPEG copy's .tar.gz) it also times whole training steps with
+their input pipelines, as a user runs them: vitkit's device-resident loader with its batched on-device
+augmentation (crop with 4-pixel padding, flip) against timm's model fed by a torchvision DataLoader with
+the same augmentation as per-image PIL transforms in worker processes (pinned memory, non-blocking copies).
+
+    PYTHONPATH=src python bench/throughput.py --device cuda --bf16 --compile --batch-size 512 \
+        --data ../shared/datasets/cifar10-jpg.tar.gz --workers 8
 """
 
 from __future__ import annotations
@@ -88,6 +96,60 @@ def time_alternating(steps: dict[str, Callable], repeats: int, warmup: int, sync
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def time_pipelines(models: dict[str, nn.Module], args: argparse.Namespace, device: torch.device, sync: Callable) -> dict:
+    """Images/s of `args.steps` training steps, each model with its own input pipeline, after warm-up steps."""
+    import torchvision.transforms as T
+    from torch.utils.data import DataLoader, Dataset
+
+    from vitkit.data import Augment, AugmentConfig, DeviceLoader, channel_stats, load_dataset
+
+    data = load_dataset(args.data, "train")
+    mean, std = channel_stats(data)
+
+    class Pil(Dataset):  # what a torchvision user has: one PIL image per item, transformed in a worker
+        transform = T.Compose([T.RandomCrop(IMAGE, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+
+        def __len__(self) -> int:
+            return len(data)
+
+        def __getitem__(self, i: int):
+            return self.transform(T.functional.to_pil_image(data.images[i])), int(data.labels[i])
+
+    loaders = {
+        "vitkit": DeviceLoader(data, args.batch_size, mean=mean, std=std, device=device, shuffle=True, drop_last=True,
+                               augment=Augment(AugmentConfig(hflip=0.5, crop_padding=4), CLASSES)),
+        "timm": DataLoader(Pil(), args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers,
+                           pin_memory=device.type == "cuda", persistent_workers=args.workers > 0),
+    }
+    results = {}
+    for name, model in models.items():
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        forward = torch.compile(model) if args.compile else model
+        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else nullcontext
+        model.train()
+        batches = iter(loaders[name])
+        for step in range(args.warmup + args.steps):
+            if step == args.warmup:
+                sync()
+                start = time.perf_counter()
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                batches = iter(loaders[name])
+                x, y = next(batches)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast():
+                loss = F.cross_entropy(forward(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        sync()
+        results[name] = args.steps * args.batch_size / (time.perf_counter() - start)
+    print(f"with input pipelines: vitkit {results['vitkit']:.0f} img/s, timm + torchvision DataLoader "
+          f"({args.workers} workers) {results['timm']:.0f} img/s, ratio {results['vitkit'] / results['timm']:.2f}")
+    return {"train_images_per_s": results, "ratio_vitkit_over_timm": results["vitkit"] / results["timm"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
@@ -96,6 +158,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator, caches)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (meant for GPUs)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--data", help="also time training with input pipelines on this CIFAR-10 source")
+    parser.add_argument("--workers", type=int, default=8, help="torchvision DataLoader worker processes (with --data)")
     parser.add_argument("--out", type=Path, help="JSON results (default bench/results/throughput-<device>.json)")
     args = parser.parse_args()
 
@@ -135,6 +199,8 @@ def main() -> None:
         "results": results,
         "ratio_vitkit_over_timm": ratio,
     }
+    if args.data:
+        report["with_input_pipelines"] = time_pipelines(models, args, device, sync)
     save_report(report, args.out or RESULTS / f"throughput-{device.type}.json")
 
 

@@ -146,12 +146,13 @@ def random_erasing(x: Tensor, p: float, g: torch.Generator) -> Tensor:
     return torch.where(erase[:, None], noise, x)
 
 
-def mix(x: Tensor, y: Tensor, num_classes: int, mixup: float, cutmix: float, g: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Mixup or CutMix with the reversed batch; targets become the matching soft labels."""
-    # torch's Beta sampler takes no generator: draw λ (and the box) with numpy, seeded from the torch
-    # generator, so the batch stays a pure function of it. Costs one host sync per batch.
-    seed = int(torch.randint(0, 2**62, (1,), generator=g, device=g.device).item())
-    rng = np.random.default_rng(seed)
+def mix(
+    x: Tensor, y: Tensor, num_classes: int, mixup: float, cutmix: float, rng: np.random.Generator
+) -> tuple[Tensor, Tensor]:
+    """Mixup or CutMix with the reversed batch; targets become the matching soft labels.
+
+    λ and the box come from the host generator `rng` (torch's Beta sampler takes no generator), so
+    the GPU never has to report back to the host in the middle of a training step."""
     use_cutmix = cutmix > 0 and (mixup == 0 or rng.random() < 0.5)
     alpha = cutmix if use_cutmix else mixup
     lam = float(rng.beta(alpha, alpha))
@@ -187,9 +188,13 @@ class Augment:
         self.cfg = cfg
         self.num_classes = num_classes
 
-    def __call__(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def __call__(
+        self, images: Tensor, labels: Tensor, generator: torch.Generator, host_rng: np.random.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """images (B, C, H, W), float in [0, 1] or uint8 → float in [0, 1], same shape; labels int64 (B,) stay so,
-        or become soft targets (B, num_classes) with mixup/cutmix. All draws come from `generator`."""
+        or become soft targets (B, num_classes) with mixup/cutmix. Per-image draws come from `generator`, the
+        batch's mixup/cutmix draws from `host_rng`; without one it is seeded from `generator`, which costs a
+        device-to-host synchronisation per batch (DeviceLoader passes one)."""
         cfg, g = self.cfg, generator
         x = images if images.is_floating_point() else images.float().div_(255)
         B, device = x.shape[0], x.device
@@ -205,5 +210,7 @@ class Augment:
         if cfg.random_erasing:
             x = random_erasing(x, cfg.random_erasing, g)
         if cfg.mixup_alpha or cfg.cutmix_alpha:
-            x, labels = mix(x, labels, self.num_classes, cfg.mixup_alpha, cfg.cutmix_alpha, g)
+            if host_rng is None:
+                host_rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=g, device=device).item()))
+            x, labels = mix(x, labels, self.num_classes, cfg.mixup_alpha, cfg.cutmix_alpha, host_rng)
         return x, labels

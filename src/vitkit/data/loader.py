@@ -102,10 +102,11 @@ class DeviceLoader:
         order = self._order()
         g = torch.Generator(device=self.device)
         g.manual_seed(_seed(self.seed, self.epoch, self.rank, 1))  # the augmentation's own stream
+        host_rng = np.random.default_rng(_seed(self.seed, self.epoch, self.rank, 2))  # its per-batch draws
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             x = self.images[idx].float().div_(255)
             y = self.labels[idx]
             if self.augment is not None:
-                x, y = self.augment(x, y, g)
+                x, y = self.augment(x, y, g, host_rng)
             yield (x - self.mean) / self.std, y

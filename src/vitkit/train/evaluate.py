@@ -19,6 +19,17 @@ def autocast(device: torch.device, bf16: bool):
     return nullcontext()
 
 
+class FlipAveraged(nn.Module):
+    """Test-time augmentation: the mean of the model's logits on each image and on its mirror image."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.model(x) + self.model(x.flip(-1))) / 2
+
+
 @torch.inference_mode()
 def predict_logits(model: nn.Module, loader: DeviceLoader, device: torch.device, bf16: bool = False) -> tuple[Tensor, Tensor]:
     """Logits (N, classes) in float32 and labels (N,), both on the CPU, in the loader's order."""

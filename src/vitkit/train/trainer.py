@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from vitkit.plots import plot_learning_curves
 from vitkit.smoothing import Ablation, RandomlyAblated
 from vitkit.train.checkpoint import load_model, load_state, load_weights, save_model, save_state, write_json
 from vitkit.train.config import TrainConfig
-from vitkit.train.evaluate import autocast, classification_metrics, predict_dataset
+from vitkit.train.evaluate import FlipAveraged, autocast, classification_metrics, predict_dataset
 from vitkit.train.optim import EMA, build_optimizer, build_scheduler
 
 
@@ -295,11 +296,12 @@ class Trainer:
         return model
 
     def scored(self, model: VisionTransformer) -> torch.nn.Module:
-        """What validation and test accuracy measure: the model on whole images, or, when training on
-        ablations, on one seeded random ablation per image (the same ones every epoch)."""
-        if not self.ablation:
-            return model
-        return RandomlyAblated(model, self.ablation, patch_size=model.cfg.patch_size, seed=self.cfg.seed)
+        """What validation and test accuracy measure: the model on whole images (averaged with their mirror
+        images under --tta-flip), or, when training on ablations, on one seeded random ablation per image
+        (the same ones every epoch)."""
+        if self.ablation:
+            return RandomlyAblated(model, self.ablation, patch_size=model.cfg.patch_size, seed=self.cfg.seed)
+        return FlipAveraged(model) if self.cfg.tta_flip else model
 
     def validate(self) -> dict[str, float]:
         if self.data.val is None:
@@ -311,7 +313,9 @@ class Trainer:
         m = classification_metrics(logits, labels, self.data.val.classes, prefix="val_")
         return {"val_loss": m["val_loss"], "val_accuracy": m["val_accuracy"]}
 
-    def fit(self, resume: bool = False) -> dict[str, Any]:
+    def fit(self, resume: bool = False, on_epoch: Callable[[Trainer, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Trains to the last epoch; `on_epoch(trainer, row)` runs after each epoch's checkpoint (benchmarks use
+        it to measure test accuracy along the way, outside the timed training)."""
         self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             self.restore()
@@ -322,15 +326,18 @@ class Trainer:
             row = {"epoch": self.epoch + 1, **self.train_epoch(), **self.validate()}
             self.epoch += 1
             self.history.append(row)
-            # Best by validation accuracy; among equals, by lower validation loss.
-            score = (row.get("val_accuracy", row["train_accuracy"]), -row.get("val_loss", row["train_loss"]))
-            is_best = score > self.best_score
+            # Best by validation accuracy; among equals, by lower validation loss. Without validation data the
+            # latest weights are the result (training accuracy under mixup or ablations would be a noisy guide).
+            score = (row.get("val_accuracy", 0.0), -row.get("val_loss", 0.0))
+            is_best = score > self.best_score or self.data.val is None
             if is_best:
                 self.best_score, self.best_epoch = score, self.epoch
             self.save({k: v for k, v in row.items() if "accuracy" in k or "loss" in k}, is_best)
             if self.progress:
                 shown = " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch")
                 tqdm.write(f"epoch {self.epoch}/{self.cfg.epochs} {shown}")
+            if on_epoch is not None:
+                on_epoch(self, row)
         plot_learning_curves(self.history, self.out / "curves.png")
         return self.finish(time.perf_counter() - started)
 
