@@ -38,3 +38,15 @@ def tiny_vit(seed: int = 0, **overrides):
     model = VisionTransformer(ViTConfig(**{**shape, **overrides}))
     torch.nn.init.normal_(model.head.weight)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory):
+    """A run folder holding a small ViT trained for a few seconds on the digits: a distillation teacher."""
+    from vitkit.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = TrainConfig(data="digits", model="vit_digits", dim=32, depth=1, heads=2, mlp_dim=64, epochs=6, batch_size=64,
+                      lr=1e-2, warmup_epochs=0, device="cpu")  # about 55% test accuracy: well above chance
+    train(cfg, out, progress=False)
+    return out

@@ -21,6 +21,8 @@ from torch import Tensor
 from vitkit.errors import VitkitError
 
 RIGHT, WRONG = "tab:green", "tab:red"
+TRUE_BOX, PREDICTED_BOX = "deepskyblue", "orange"  # apart from RIGHT/WRONG, which colour the titles
+CURVE_TITLES = {"iou_mean": "Mean IoU"}
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> None:
@@ -38,19 +40,22 @@ def _save(fig: Figure, path: str | os.PathLike) -> None:
         fig.clear()  # drop the artists now rather than at garbage collection
 
 
-def plot_learning_curves(history: list[dict], path: str | os.PathLike) -> None:
-    """Loss and accuracy per epoch, train and validation, from the trainer's JSONL rows.
+def plot_learning_curves(
+    history: list[dict], path: str | os.PathLike, metrics: Sequence[str] = ("loss", "accuracy")
+) -> None:
+    """One panel per metric (default loss and accuracy) per epoch, train and validation, from the trainer's
+    JSONL rows.
 
-    Rows need `epoch`, `train_loss`, `train_accuracy`; `val_loss`/`val_accuracy` may be missing or
-    None (e.g. no validation split, or validation every few epochs) and are then left out.
+    Rows need `epoch` and `train_<metric>`; `val_<metric>` may be missing or None (e.g. no validation
+    split, or validation every few epochs) and is then left out.
     """
     if not history:
         raise VitkitError("the training history is empty: train for at least one epoch before plotting curves")
-    missing = {"epoch", "train_loss", "train_accuracy"} - set(history[0])
+    missing = {"epoch", *(f"train_{m}" for m in metrics)} - set(history[0])
     if missing:
         raise VitkitError(f"history rows lack {sorted(missing)}: pass the rows of the trainer's metrics JSONL")
-    fig = Figure(figsize=(10, 4))
-    for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy")):
+    fig = Figure(figsize=(5 * len(metrics), 4))
+    for ax, metric in zip(fig.subplots(1, len(metrics), squeeze=False).ravel(), metrics):
         for split, style in (("train", "o-"), ("val", "s--")):
             points = [(r["epoch"], r[f"{split}_{metric}"]) for r in history if r.get(f"{split}_{metric}") is not None]
             if points:
@@ -58,7 +63,7 @@ def plot_learning_curves(history: list[dict], path: str | os.PathLike) -> None:
                 ax.plot(epochs, values, style, markersize=3, label="train" if split == "train" else "validation")
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
-        ax.set_title(metric.capitalize())
+        ax.set_title(CURVE_TITLES.get(metric, metric.capitalize()))
         ax.grid(alpha=0.3)
         ax.legend()
     _save(fig, path)
@@ -154,6 +159,54 @@ def plot_prediction_grid(
             ax.imshow(pixels[i], interpolation="nearest")
         confidence = f" ({100 * float(probs[i]):.0f}%)" if probs is not None else ""
         ax.set_title(f"{classes[p]}{confidence} / {classes[t]}", fontsize=8, color=RIGHT if p == t else WRONG)
+    _save(fig, path)
+
+
+def plot_box_predictions(
+    images: Tensor,
+    true_boxes: Tensor,
+    pred_boxes: Tensor,
+    true: Sequence[int],
+    pred: Sequence[int],
+    classes: list[str],
+    path: str | os.PathLike,
+    ious: Sequence[float] | None = None,
+    ncols: int = 8,
+) -> None:
+    """Images in a grid with the true box (blue) and the predicted box (orange) drawn on each, titled
+    "pred / true" (and the IoU), green when the class is right and red when it is wrong.
+
+    images: (N, C, H, W), uint8 or float in [0, 1], C = 1 or 3; boxes: (N, 4) (cx, cy, w, h) in [0, 1].
+    """
+    from matplotlib.patches import Rectangle
+
+    images = torch.as_tensor(images).detach().cpu()
+    n = images.shape[0]
+    if images.ndim != 4 or images.shape[1] not in (1, 3) or n == 0:
+        raise VitkitError(f"expected a non-empty batch of images (N, 1 or 3, H, W), got {tuple(images.shape)}")
+    if len(true_boxes) != n or len(pred_boxes) != n or len(true) != n or len(pred) != n:
+        raise VitkitError(f"{n} images need as many true and predicted boxes and labels")
+    pixels = images.float() / 255 if images.dtype == torch.uint8 else images.float().clamp(0, 1)
+    pixels = pixels.permute(0, 2, 3, 1).expand(-1, -1, -1, 3).numpy()
+    H, W = pixels.shape[1:3]
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    fig = Figure(figsize=(1.8 * ncols, 2.0 * nrows))
+    fig.suptitle("true box: blue, predicted box: orange; title: predicted / true class", fontsize=9)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for i, ax in enumerate(axes):
+        ax.axis("off")
+        if i >= n:
+            continue
+        ax.imshow(pixels[i], interpolation="nearest")
+        for box, colour in ((true_boxes[i], TRUE_BOX), (pred_boxes[i], PREDICTED_BOX)):
+            cx, cy, w, h = (float(v) for v in box)
+            # Pixel edges are at -0.5 and W - 0.5 in imshow's coordinates.
+            ax.add_patch(Rectangle(((cx - w / 2) * W - 0.5, (cy - h / 2) * H - 0.5), w * W, h * H,
+                                   fill=False, edgecolor=colour, linewidth=1.5))
+        t, p = int(true[i]), int(pred[i])
+        iou = f" IoU {float(ious[i]):.2f}" if ious is not None else ""
+        ax.set_title(f"{classes[p]} / {classes[t]}{iou}", fontsize=8, color=RIGHT if p == t else WRONG)
     _save(fig, path)
 
 

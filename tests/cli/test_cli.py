@@ -89,6 +89,7 @@ def test_resume_of_a_finished_run_keeps_its_weights(trained_run):
         (["certify", "/no/such/checkpoint.safetensors"], "does not exist"),
         (["certify", "--votes", "/no/such/votes.safetensors"], "not a votes file"),
         (["train", "--ablation", "diagonal", "--quiet"], "unknown ablation"),
+        (["train", "--recipe", "cifar10-fast-distilled", "--quiet"], "pass --teacher CHECKPOINT"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(args, message):
@@ -211,3 +212,39 @@ def test_certify_reports_and_rederives_from_votes(tmp_path, capsys):
     ]:
         assert main(["certify", *args, "--out", str(tmp_path / "bad")]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_resnet_run_through_eval_predict_attack_and_certify(tmp_path, capsys):
+    run = tmp_path / "resnet"
+    assert main(["train", "--model", "resnet18", "--epochs", "1", "--batch-size", "256", "--optimizer", "sgd", "--lr",
+                 "0.1", "--warmup-epochs", "0", "--device", "cpu", "--quiet", "--out", str(run)]) == 0
+    assert main(["eval", str(run), "--device", "cpu", "--out", str(tmp_path / "eval")]) == 0
+    assert 0 <= json.loads((tmp_path / "eval" / "summary.json").read_text())["test_accuracy"] <= 1
+    from vitkit.data import load_dataset
+
+    Image.fromarray(load_dataset("digits", "test").images[0, 0].numpy()).save(tmp_path / "digit.png")
+    assert main(["predict", str(run), str(tmp_path / "digit.png"), "--device", "cpu"]) == 0
+    assert main(["attack", str(run), "--eps", "0.1", "--steps", "2", "--n", "20", "--device", "cpu",
+                 "--out", str(tmp_path / "attack")]) == 0
+    attacked = json.loads((tmp_path / "attack" / "summary.json").read_text())
+    assert attacked["robust_accuracy_eps_0.1000"] <= attacked["clean_accuracy"]
+    # Smoothing works on any base model: the CNN sees whole masked images (no tokens to drop).
+    assert main(["certify", str(run), "--ablation-size", "2", "--patch-size", "1", "--patch-sizes", "1-2", "--n", "10",
+                 "--device", "cpu", "--quiet", "--out", str(tmp_path / "certify")]) == 0
+    assert json.loads((tmp_path / "certify" / "summary.json").read_text())["token_dropping"] is False
+    capsys.readouterr()
+    for command in (["explain", str(run)], ["info", str(run)]):
+        assert main([*command, "--out", str(tmp_path / "vit-only")]) == 2
+        assert "holds a resnet18 model: pass a ViT checkpoint" in capsys.readouterr().err
+
+
+def test_distilled_training_from_the_command_line(tmp_path, digits_teacher):
+    run = tmp_path / "student"
+    assert main(["train", "--teacher", str(digits_teacher), "--distill", "hard", "--distill-alpha", "0.5",
+                 "--dim", "32", "--depth", "1", "--heads", "2", "--mlp-dim", "64", "--epochs", "1", "--device", "cpu",
+                 "--quiet", "--out", str(run)]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["teacher"] == str(digits_teacher) and saved["distill"] == "hard"
+    # A distilled ViT is explained through both of its output tokens.
+    assert main(["explain", str(run), "--n", "2", "--discard-ratio", "0.2", "--device", "cpu",
+                 "--out", str(tmp_path / "explain")]) == 0

@@ -131,3 +131,20 @@ def test_single_layer_attention_is_the_class_row_of_that_layer():
         torch.testing.assert_close(patch_relevance(model, x, "attention", layer=layer, head_fusion="max"), expected)
     with pytest.raises(VitkitError, match="outside"):
         patch_relevance(model, x, "attention", layer=5)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_a_distilled_vit_is_explained_through_both_output_tokens(pool):
+    """Its prediction is the mean of the class (or mean-pooled) head and the distillation token's head."""
+    model = tiny_vit(distill_token=True, pool=pool)
+    x = torch.randn(2, 3, 8, 8)
+    _, attentions = model(x, return_attention=True)
+    r = attention_rollout(attentions)
+    class_row = r[:, 0] if pool == "cls" else r[:, 2:].mean(1)
+    torch.testing.assert_close(patch_relevance(model, x), ((class_row + r[:, 1]) / 2)[:, 2:])
+    out = discard_lowest(torch.rand(2, 6, 6), 0.5, prefix=2)
+    assert (out[:, 2:, 2:].flatten(1) == 0).sum(1).tolist() == [8, 8]  # half of the 16 patch-to-patch entries
+    for method in METHODS:
+        assert patch_relevance(model, x, method).shape == (2, 16)
+    with pytest.raises(VitkitError, match="has none: pass a ViT"):
+        patch_relevance(torch.nn.Linear(3, 3), x)

@@ -227,3 +227,20 @@ def test_fine_tuning_with_frozen_blocks_trains_only_the_rest(tmp_path):
     frozen = ("patch_embed.", "cls_token", "pos_embed", "blocks.0.")
     for name, value in before.items():
         assert torch.equal(after[name], value) == name.startswith(frozen), name
+
+
+def test_timms_distilled_deit_loads_with_its_distillation_token(tmp_path):
+    torch.manual_seed(0)
+    timm_model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=8, patch_size=2,
+                                   in_chans=1, embed_dim=16, depth=2, num_heads=2, num_classes=5).eval()
+    for head in (timm_model.head, timm_model.head_dist):
+        torch.nn.init.normal_(head.weight)
+    save_file(timm_model.state_dict(), tmp_path / "distilled.safetensors")
+    model = load_pretrained(tmp_path / "distilled.safetensors", heads=2)
+    assert model.cfg.distill_token and model.cfg.image_size == 8
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():  # timm's distilled model in eval mode predicts the mean of its two heads, as vitkit's
+        torch.testing.assert_close(model.eval()(x), timm_model(x), atol=1e-5, rtol=1e-5)
+    resized = load_pretrained(tmp_path / "distilled.safetensors", heads=2, image_size=16, num_classes=3)
+    assert resized.pos_embed.shape == (1, 2 + 64, 16) and not resized.head_dist.weight.any()
+    torch.testing.assert_close(resized.pos_embed[0, :2], model.pos_embed[0, :2])

@@ -8,7 +8,8 @@ from vitkit.errors import VitkitError
 from vitkit.models import create_model, num_parameters, preset_config
 from vitkit.models.summary import format_summary, summarize
 
-CASES = [("vit_tiny_32", {}), ("vit_digits", {}), ("vit_lite_32", {"pool": "mean", "pos_embed": "sincos2d"})]
+CASES = [("vit_tiny_32", {}), ("vit_digits", {}), ("vit_lite_32", {"pool": "mean", "pos_embed": "sincos2d"}),
+         ("vit_digits", {"distill_token": True})]
 
 
 def measured_macs(model, x, keep=None) -> int:
@@ -42,7 +43,7 @@ def test_parameters_and_macs_match_the_real_model(preset, overrides):
     s = summarize(cfg)
     assert s.parameters == s.trainable_parameters == num_parameters(model)
     assert sum(row.parameters for row in s.layers) == s.parameters
-    assert s.tokens == cfg.num_patches + 1
+    assert s.tokens == cfg.num_patches + cfg.num_prefix_tokens
     x = torch.randn(2, cfg.in_channels, cfg.image_size, cfg.image_size)
     assert s.macs_per_image == measured_macs(model, x)
 

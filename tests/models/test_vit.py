@@ -15,8 +15,10 @@ def small_model(**overrides) -> VisionTransformer:
     torch.manual_seed(0)
     cfg = dict(image_size=16, patch_size=4, in_channels=3, num_classes=7, dim=32, depth=3, heads=4, mlp_dim=64)
     model = VisionTransformer(ViTConfig(**{**cfg, **overrides})).eval()
-    # Non-zero head and position table, so the tests see them at work.
+    # Non-zero heads and position table, so the tests see them at work.
     torch.nn.init.normal_(model.head.weight, std=0.5)
+    if model.head_dist is not None:
+        torch.nn.init.normal_(model.head_dist.weight, std=0.5)
     if isinstance(model.pos_embed, torch.nn.Parameter):
         torch.nn.init.normal_(model.pos_embed, std=0.5)
     return model
@@ -89,33 +91,39 @@ def test_sincos_2d_encodes_row_then_column():
 
 @pytest.mark.parametrize("pos_embed", ["learned", "sincos1d", "sincos2d"])
 @pytest.mark.parametrize("pool", ["cls", "mean"])
-def test_token_subset_equals_masked_full_forward(pos_embed, pool):
+@pytest.mark.parametrize("distill_token", [False, True], ids=["plain", "distilled"])
+def test_token_subset_equals_masked_full_forward(pos_embed, pool, distill_token):
     """Dropping tokens = keeping them in the sequence but hiding them from every attention."""
-    model = small_model(pos_embed=pos_embed, pool=pool)
+    model = small_model(pos_embed=pos_embed, pool=pool, distill_token=distill_token)
     x = torch.randn(3, 3, 16, 16)
     keep = torch.stack([torch.randperm(16)[:6].sort().values for _ in range(3)])
 
     # Reference: the full sequence, with an attention mask that lets no token see the dropped ones.
-    visible = torch.zeros(3, 17, dtype=torch.bool)
-    visible[:, 0] = True
-    visible.scatter_(1, keep + 1, True)
-    z = torch.cat([model.cls_token.expand(3, -1, -1), model.patch_embed(x)], dim=1) + model.pos_embed
+    P = 1 + distill_token  # the class token, and the distillation token
+    T = P + 16
+    visible = torch.zeros(3, T, dtype=torch.bool)
+    visible[:, :P] = True
+    visible.scatter_(1, keep + P, True)
+    prefix = [model.cls_token] + ([model.dist_token] if distill_token else [])
+    z = torch.cat([t.expand(3, -1, -1) for t in prefix] + [model.patch_embed(x)], dim=1) + model.pos_embed
     for block in model.blocks:
         attn = block.attn
         h = block.norm1(z)
-        q, k, v = attn.qkv(h).reshape(3, 17, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = attn.qkv(h).reshape(3, T, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(attn.head_dim)
         scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(3, 17, -1)
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(3, T, -1)
         z = z + attn.proj(y)
         z = z + block.mlp(block.norm2(z))
     z = model.norm(z)
-    kept_tokens = torch.cat([z[:, :1], z[:, 1:].gather(1, keep[..., None].expand(-1, -1, 32))], dim=1)
-    pooled = kept_tokens[:, 0] if pool == "cls" else kept_tokens[:, 1:].mean(1)
+    kept_tokens = torch.cat([z[:, :P], z[:, P:].gather(1, keep[..., None].expand(-1, -1, 32))], dim=1)
+    logits = model.head(kept_tokens[:, 0] if pool == "cls" else kept_tokens[:, P:].mean(1))
+    if distill_token:
+        logits = (logits + model.head_dist(kept_tokens[:, 1])) / 2
 
     tokens, _ = model.forward_features(x, keep=keep)
     torch.testing.assert_close(tokens, kept_tokens, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(model(x, keep=keep), model.head(pooled), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(x, keep=keep), logits, atol=1e-5, rtol=1e-5)
 
 
 def test_keeping_every_token_equals_plain_forward():
@@ -213,3 +221,34 @@ def test_stochastic_depth_drops_whole_samples_in_training_only():
 def test_preset_overrides():
     cfg = preset_config("vit_tiny_32", num_classes=100, drop_path=0.1)
     assert cfg.num_classes == 100 and cfg.drop_path == 0.1 and cfg.dim == 192
+
+
+def test_distillation_token_has_its_own_head_and_the_prediction_is_their_mean():
+    model = small_model(distill_token=True)
+    assert model.pos_embed.shape == (1, 2 + 16, 32) and model.dist_token.shape == (1, 1, 32)
+    x = torch.randn(3, 3, 16, 16)
+    z, _ = model.forward_features(x)
+    assert z.shape == (3, 18, 32)
+    heads = model(x, both_heads=True)
+    assert heads.shape == (3, 2, 7)
+    torch.testing.assert_close(heads[:, 0], model.head(z[:, 0]))
+    torch.testing.assert_close(heads[:, 1], model.head_dist(z[:, 1]))
+    torch.testing.assert_close(model(x), (model.head(z[:, 0]) + model.head_dist(z[:, 1])) / 2)
+    logits, attentions = model(x, return_attention=True)
+    assert attentions[0].shape == (3, 4, 18, 18)
+    torch.testing.assert_close(logits, model(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(x, keep=torch.arange(16).expand(3, -1)), model(x))
+    with pytest.raises(VitkitError, match="distillation token"):
+        small_model()(x, both_heads=True)
+
+
+def test_resizing_a_distilled_model_keeps_both_prefix_rows():
+    model = small_model(distill_token=True)
+    prefix = model.pos_embed[0, :2].clone()
+    model.resize(32)
+    assert model.pos_embed.shape == (1, 2 + 64, 32)
+    torch.testing.assert_close(model.pos_embed[0, :2], prefix)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+    fixed = small_model(pos_embed="sincos2d", distill_token=True)
+    torch.testing.assert_close(fixed.pos_embed[0, :2], torch.zeros(2, 32))
+    torch.testing.assert_close(fixed.pos_embed[0, 2:], sincos_2d(4, 32))

@@ -20,10 +20,13 @@ def tiny_config(**overrides) -> TrainConfig:
 @pytest.mark.parametrize(
     "extra",
     [{}, {"ablation": "column", "ablation_size": 2},
-     {"adv": "trades", "eps": 0.1, "adv_steps": 1, "adv_step_size": 0.1}],
-    ids=["whole", "ablated", "trades"],
+     {"adv": "trades", "eps": 0.1, "adv_steps": 1, "adv_step_size": 0.1},
+     {"distill": "hard", "teacher": "digits_teacher", "dim": 32, "depth": 2, "heads": 2, "mlp_dim": 64}],
+    ids=["whole", "ablated", "trades", "distilled"],
 )
-def test_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch, extra):
+def test_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch, request, extra):
+    if "teacher" in extra:  # a fixture's run folder
+        extra = {**extra, "teacher": str(request.getfixturevalue(extra["teacher"]))}
     straight = tmp_path / "straight"
     train(tiny_config(**extra), straight, progress=False)
 

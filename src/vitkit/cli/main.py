@@ -60,7 +60,12 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
     p.add_argument("--out", default=None, help="run folder (default runs/<data>-<model>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    for f in config_fields():
+    add_config_flags(p, config_fields())
+
+
+def add_config_flags(p: argparse.ArgumentParser, config_fields: list) -> None:
+    """One flag per field of a config dataclass (TrainConfig, BoxTrainConfig), default None: "not given"."""
+    for f in config_fields:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
@@ -70,26 +75,63 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=f.name, type=_parser_for(f.type), default=None, help=help_text)
 
 
+def config_from_flags(args: argparse.Namespace, config_class: type, new: Callable[[dict], Any]) -> tuple[Any, Path | None]:
+    """The configuration of `train` or `train-boxes` and, for --resume, the run folder: a resumed run keeps its
+    saved configuration (only where it runs, --device, may change); a new one is `new(flags)`."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(config_class)}
+    flags = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if not args.resume:
+        return new(flags), None
+    run = Path(args.resume)
+    if not (run / "config.json").is_file():
+        raise VitkitError(f"{run} is not a vitkit run folder (no config.json): pass the --out folder of a run")
+    saved = read_config_file(run / "config.json")
+    changed = {k for k, v in flags.items() if k != "device" and v != saved.get(k)}
+    if changed:
+        raise VitkitError(f"--resume continues the saved configuration; drop the option(s) {sorted(changed)}")
+    return config_class(**{**saved, **{k: v for k, v in flags.items() if k == "device"}}), run
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from vitkit.train import TrainConfig, build_config, train
 
-    config_names = {f.name for f in config_fields()}
-    flags = {k: v for k, v in vars(args).items() if k in config_names and v is not None}
-    if args.resume:
-        run = Path(args.resume)
-        if not (run / "config.json").is_file():
-            raise VitkitError(f"{run} is not a vitkit run folder (no config.json): pass the --out folder of a run")
-        saved = read_config_file(run / "config.json")
-        # A resumed run must be the same run: only where it runs may change.
-        changed = {k for k, v in flags.items() if k != "device" and v != saved.get(k)}
-        if changed:
-            raise VitkitError(f"--resume continues the saved configuration; drop the option(s) {sorted(changed)}")
-        cfg = TrainConfig(**{**saved, **{k: v for k, v in flags.items() if k == "device"}})
-        out = run
-    else:
-        cfg = build_config(args.recipe, None, flags)
-        out = Path(args.out or f"runs/{Path(cfg.data).name.split('.')[0]}-{cfg.model}")
+    cfg, out = config_from_flags(args, TrainConfig, lambda flags: build_config(args.recipe, None, flags))
+    out = out or Path(args.out or f"runs/{Path(cfg.data).name.split('.')[0]}-{cfg.model}")
     summary = train(cfg, out, resume=bool(args.resume), progress=not args.quiet)
+    print_summary(summary, out)
+    return 0
+
+
+def cmd_train_boxes(args: argparse.Namespace) -> int:
+    """Seed 001: a class and a bounding box per image, on a ViT or ResNet-18 backbone."""
+    from vitkit.train.boxes import BoxTrainConfig, train_boxes
+
+    cfg, out = config_from_flags(args, BoxTrainConfig, lambda flags: BoxTrainConfig(**flags))
+    out = out or Path(args.out or f"runs/{Path(cfg.data).name.split('.')[0]}-boxes-{cfg.backbone}")
+    summary = train_boxes(cfg, out, resume=bool(args.resume), progress=not args.quiet)
+    print_summary(summary, out)
+    return 0
+
+
+def cmd_eval_boxes(args: argparse.Namespace) -> int:
+    """`vitkit eval` on a box checkpoint: accuracy, IoU figures and a picture of true and predicted boxes."""
+    from vitkit.data.boxes import load_box_dataset
+    from vitkit.train import select_device
+    from vitkit.train.boxes import IOU_NOTE, evaluate_box_model, load_box_model
+    from vitkit.train.checkpoint import write_json
+
+    device = select_device(args.device)
+    model, info = load_box_model(args.checkpoint, device)
+    source = args.data or info["data"]
+    data = load_box_dataset(source, args.split, info["image_size"])
+    out = Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + f"-eval-{args.split}")
+    metrics = evaluate_box_model(model, info, data, args.split, device, args.batch_size, picture=out / "boxes.png",
+                                 samples=args.samples)
+    summary = {"checkpoint": str(args.checkpoint), "data": source, "split": args.split, "images": len(data),
+               **metrics, "iou_measured_on": IOU_NOTE}
+    write_json(out / "summary.json", summary)
     print_summary(summary, out)
     return 0
 
@@ -102,13 +144,21 @@ def load_checkpoint_and_data(args: argparse.Namespace, device) -> tuple[Any, dic
 
     model, info = load_model(args.checkpoint, device)
     source = args.data or info["data"]
-    data = load_dataset(source, args.split, image_size=model.cfg.image_size, root=args.data_root)
+    data = load_dataset(source, args.split, image_size=info["model"]["image_size"], root=args.data_root)
     if data.classes != info["classes"]:
         raise VitkitError(
             f"the data's classes {data.classes[:5]}... differ from the checkpoint's {info['classes'][:5]}...: "
             "use the data set the model was trained on"
         )
     return model, info, data
+
+
+def require_vit(info: dict[str, Any], checkpoint: str, what: str) -> dict[str, Any]:
+    """A checkpoint's metadata, if it holds a ViT; else the one-line error that `what` needs one."""
+    arch = info.get("arch", "vit")  # checkpoints from before "arch" are ViTs
+    if arch != "vit":
+        raise VitkitError(f"{what}, but {checkpoint} holds a {arch} model: pass a ViT checkpoint")
+    return info
 
 
 def seeded_sample(data, n: int, seed: int):
@@ -129,6 +179,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from vitkit.train.checkpoint import write_json
     from vitkit.train.evaluate import classification_metrics, predict_dataset
 
+    from vitkit.train import read_info
+
+    if read_info(args.checkpoint).get("task") == "boxes":
+        return cmd_eval_boxes(args)
     device = select_device(args.device)
     model, info, data = load_checkpoint_and_data(args, device)
     source = args.data or info["data"]
@@ -162,7 +216,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     device = select_device(args.device)
     model, info = load_model(args.checkpoint, device)
-    images = load_images(args.images, model.cfg.image_size, model.cfg.in_channels)
+    images = load_images(args.images, info["model"]["image_size"], info["model"]["in_channels"])
     mean = torch.tensor(info["mean"], device=device)[:, None, None]
     std = torch.tensor(info["std"], device=device)[:, None, None]
     with torch.inference_mode():
@@ -196,7 +250,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         from vitkit.train import read_info
 
-        cfg = ViTConfig.from_dict({**read_info(args.target)["model"], **{k: v for k, v in overrides.items() if v}})
+        info = require_vit(read_info(args.target), args.target, "`vitkit info` counts a ViT's parameters and MACs")
+        cfg = ViTConfig.from_dict({**info["model"], **{k: v for k, v in overrides.items() if v}})
     summary = summarize(cfg, batch_size=args.batch_size)
     print(format_summary(summary))
     if args.out:
@@ -215,13 +270,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from vitkit.explain import patch_relevance, relevance_to_image
     from vitkit.explain.evaluate import evaluate_explanations
     from vitkit.plots import plot_deletion_insertion, plot_explanations
-    from vitkit.train import load_model, select_device
+    from vitkit.train import load_model, read_info, select_device
     from vitkit.train.checkpoint import write_json
 
+    require_vit(read_info(args.checkpoint), args.checkpoint, "`vitkit explain` reads a ViT's attention maps")
     device = select_device(args.device)
     if args.images:
         model, info = load_model(args.checkpoint, device)
-        images = load_images(args.images, model.cfg.image_size, model.cfg.in_channels)
+        images = load_images(args.images, info["model"]["image_size"], info["model"]["in_channels"])
         data = ImageDataset(images, torch.full((len(images),), -1), info["classes"], "files")
     else:
         model, info, data = load_checkpoint_and_data(args, device)
@@ -407,8 +463,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from vitkit.train.checkpoint import write_json
 
     device = select_device(args.device)
-    vit, info, data = load_checkpoint_and_data(args, device)
-    model = PixelModel(vit, info["mean"], info["std"])
+    base, info, data = load_checkpoint_and_data(args, device)
+    model = PixelModel(base, info["mean"], info["std"])
     surrogate = None
     if args.surrogate:
         surrogate, surrogate_info = load_pixel_model(args.surrogate, device)
@@ -513,9 +569,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add_train_options(command("train", cmd_train, "train a ViT (from scratch, a recipe, or resume a run)"))
+    add_train_options(command("train", cmd_train, "train a ViT or a ResNet-18 (from scratch, a recipe, or resume a run)"))
 
-    p = command("eval", cmd_eval, "accuracy, per-class accuracy, confusion matrix and sample predictions")
+    p = command("train-boxes", cmd_train_boxes,
+                "train a class and a bounding-box head on a ViT or ResNet-18 (seed 001), or resume a run")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
+    p.add_argument("--out", default=None, help="run folder (default runs/<data>-boxes-<backbone>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    from dataclasses import fields
+
+    from vitkit.train.boxes import BoxTrainConfig
+
+    add_config_flags(p, list(fields(BoxTrainConfig)))
+
+    p = command("eval", cmd_eval, "accuracy, per-class accuracy, confusion matrix and sample predictions "
+                                  "(box checkpoints: accuracy, IoU figures and the boxes drawn)")
     p.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
     p.add_argument("--data", help="data source (default: the one the model was trained on)")
     p.add_argument("--data-root", help="where CIFAR archives live")
@@ -580,7 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tie-rule", default="salman", choices=["salman", "levine_feizi"],
                    help="salman: n_c > n_c' + 2Δ; levine_feizi: equality also certifies when c has the smaller index")
     p.add_argument("--no-token-dropping", action="store_true",
-                   help="feed full-length masked images instead of dropping masked tokens (slower; for comparison)")
+                   help="feed full-length masked images instead of dropping masked tokens (slower; for comparison; "
+                        "a ResNet always sees whole masked images)")
     p.add_argument("--attack-n", type=int, default=0,
                    help="also patch-attack the smoothed model on N images (empirical accuracy, an upper bound)")
     p.add_argument("--attack-positions", type=int, default=16, help="random patch positions tried per image")

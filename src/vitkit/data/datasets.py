@@ -19,8 +19,9 @@ import tempfile
 import urllib.request
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -73,6 +74,9 @@ class ImageDataset:
     def subset(self, index: Tensor) -> ImageDataset:
         """The images at `index` (indices or a boolean mask), as a new data set with the same classes."""
         return ImageDataset(self.images[index].contiguous(), self.labels[index], self.classes, self.name)
+
+
+D = TypeVar("D", bound=ImageDataset)
 
 
 def cache_root() -> Path:
@@ -272,6 +276,19 @@ def _load_folder(folder: Path, split: str, image_size: int | None, cache_dir: st
     return _cached(("folder", str(folder), fingerprint, split, image_size), cache_dir, build)
 
 
+def safe_members(tar: tarfile.TarFile, archive: Path) -> dict[tarfile.TarInfo, PurePosixPath]:
+    """The archive's visible members (no dot-files) with their paths, in archive order, after refusing any
+    absolute path, '..', link or device: such a member could write or read outside the archive's tree."""
+    members = tar.getmembers()
+    for m in members:
+        if m.name.startswith(("/", "\\")) or ".." in PurePosixPath(m.name).parts or not (m.isfile() or m.isdir()):
+            raise VitkitError(
+                f"{archive} holds an unsafe member {m.name!r} (absolute path, '..', link or device): "
+                "refusing to read it; extract it yourself and pass the folder"
+            )
+    return {m: p for m in members if (p := PurePosixPath(m.name)).parts and _visible(p)}
+
+
 def _load_archive(archive: Path, split: str, image_size: int | None, cache_dir: str | Path | None) -> ImageDataset:
     """Decodes a split straight from the archive's stream: nothing is extracted to disk."""
     stat = archive.stat()
@@ -279,14 +296,7 @@ def _load_archive(archive: Path, split: str, image_size: int | None, cache_dir: 
     def build() -> ImageDataset:
         try:
             with tarfile.open(archive) as tar:
-                members = tar.getmembers()
-                for m in members:
-                    if m.name.startswith(("/", "\\")) or ".." in PurePosixPath(m.name).parts or not (m.isfile() or m.isdir()):
-                        raise VitkitError(
-                            f"{archive} holds an unsafe member {m.name!r} (absolute path, '..', link or device): "
-                            "refusing to read it; extract it yourself and pass the folder"
-                        )
-                paths = {m: p for m in members if (p := PurePosixPath(m.name)).parts and _visible(p)}
+                paths = safe_members(tar, archive)
                 files = [p for m, p in paths.items() if m.isfile()]
                 dirs = {p for m, p in paths.items() if m.isdir()} | {a for f in files for a in f.parents}
                 dirs.discard(PurePosixPath())
@@ -369,15 +379,19 @@ def _assemble(decoded: list[tuple[str, np.ndarray | None]], labels: list[int], c
 # -- cache -----------------------------------------------------------------------------------
 
 
-def _cached(key: tuple, cache_dir: str | Path | None, build: Callable[[], ImageDataset]) -> ImageDataset:
-    """The cached arrays for `key`, or built and stored (atomically: a temporary folder, then a rename)."""
+def _cached(key: tuple, cache_dir: str | Path | None, build: Callable[[], D], kind: type[D] = ImageDataset) -> D:
+    """The cached data set for `key`, or built and stored (atomically: a temporary folder, then a rename).
+    `kind` is an ImageDataset data class: its tensor fields are stored as .npy arrays, the rest in meta.json."""
     digest = hashlib.sha256(json.dumps([CACHE_VERSION, *key]).encode()).hexdigest()[:20]
     folder = Path(cache_dir or cache_root()).expanduser() / "arrays" / digest
     if (folder / "meta.json").is_file():
         meta = json.loads((folder / "meta.json").read_text())
-        images = torch.from_numpy(np.load(folder / "images.npy", allow_pickle=False))
-        labels = torch.from_numpy(np.load(folder / "labels.npy", allow_pickle=False))
-        return ImageDataset(images, labels, meta["classes"], meta["name"])
+        arrays = meta.get("arrays", ["images", "labels"])
+        return kind(**{
+            f.name: torch.from_numpy(np.load(folder / f"{f.name}.npy", allow_pickle=False)) if f.name in arrays
+            else meta[f.name]
+            for f in fields(kind) if f.name in arrays or f.name in meta
+        })
     ds = build()
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -385,9 +399,11 @@ def _cached(key: tuple, cache_dir: str | Path | None, build: Callable[[], ImageD
     except OSError:
         return ds  # a read-only cache: the data in hand is still right
     try:
-        np.save(tmp / "images.npy", ds.images.numpy())
-        np.save(tmp / "labels.npy", ds.labels.numpy())
-        (tmp / "meta.json").write_text(json.dumps({"classes": ds.classes, "name": ds.name, "key": [str(k) for k in key]}))
+        arrays = [f.name for f in fields(kind) if isinstance(getattr(ds, f.name), Tensor)]
+        for name in arrays:
+            np.save(tmp / f"{name}.npy", getattr(ds, name).numpy())
+        meta = {f.name: getattr(ds, f.name) for f in fields(kind) if f.name not in arrays}
+        (tmp / "meta.json").write_text(json.dumps({**meta, "arrays": arrays, "key": [str(k) for k in key]}))
         os.replace(tmp, folder)
     except OSError:
         pass  # another process cached it first, or the disk is full: the data in hand is still right

@@ -39,14 +39,17 @@ def patch_relevance(
     residual), "grad_rollout" (explains `target`, default the predicted class) and "attention", the
     raw attention of one layer (options: layer, default the last; head_fusion).
     """
+    if not isinstance(model, VisionTransformer):
+        raise VitkitError(f"explanations read a ViT's attention; a {type(model).__name__} has none: pass a ViT")
+    pool, prefix = model.cfg.pool, model.cfg.num_prefix_tokens
     if method == "rollout":
-        kept = output_relevance(attention_rollout(layer_attentions(model, x, keep), **options), model.cfg.pool)
+        kept = output_relevance(attention_rollout(layer_attentions(model, x, keep), prefix=prefix, **options), pool, prefix)
     elif method == "attention":
         attentions = layer_attentions(model, x, keep)
         layer = options.get("layer", len(attentions) - 1)
         if not -len(attentions) <= layer < len(attentions):
             raise VitkitError(f"layer {layer} is outside the model's {len(attentions)} layers")
-        kept = output_relevance(fuse_heads(attentions[layer], options.get("head_fusion", "mean")), model.cfg.pool)
+        kept = output_relevance(fuse_heads(attentions[layer], options.get("head_fusion", "mean")), pool, prefix)
     elif method == "grad_rollout":
         kept = gradient_rollout(model, x, target, keep)
     else:

@@ -6,7 +6,8 @@ Two layouts are read and recognised by their keys:
 - Hugging Face's ViTModel / ViTForImageClassification (`vit.embeddings...`, `vit.encoder.layer.N...`,
   separate query/key/value), renamed to timm's names with query, key and value fused into qkv.
 
-The model's shape is read off the tensors. `load_pretrained` then adapts the weights: a new class count
+The model's shape is read off the tensors (timm's distilled DeiTs, with `dist_token` and `head_dist`, load
+as a ViT with a distillation token). `load_pretrained` then adapts the weights: a new class count
 (a new, zero-initialised head), another image size (position embeddings resampled) or another patch
 size (the patch projection resampled as in FlexiViT, Beyer et al. 2023).
 """
@@ -183,18 +184,20 @@ def infer_config(state: dict[str, Tensor], heads: int | None = None, norm_eps: f
     dim, channels, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     mlp_dim = get("blocks.0.mlp.fc1.weight").shape[0]
-    n_patches = get("pos_embed").shape[1] - 1  # the class token's row first
+    distill_token = "dist_token" in state
+    n_prefix = 1 + distill_token
+    n_patches = get("pos_embed").shape[1] - n_prefix  # the class (and distillation) token's rows first
     grid = math.isqrt(max(n_patches, 0))
     if grid * grid != n_patches:
         raise VitkitError(
-            f"the position table has {n_patches + 1} rows, not a class token plus a square grid: "
-            "only ViTs with a class token and one position per patch load (no register or distillation tokens)"
+            f"the position table has {n_patches + n_prefix} rows, not {n_prefix} prefix token(s) plus a square grid: "
+            "only ViTs with a class token (and a distillation token) and one position per patch load (no register tokens)"
         )
     return ViTConfig(
         image_size=grid * patch, patch_size=patch, in_channels=channels,
         num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
         dim=dim, depth=depth, heads=heads or default_heads(dim, depth, mlp_dim), mlp_dim=mlp_dim,
-        qkv_bias="blocks.0.attn.qkv.bias" in state, norm_eps=norm_eps,
+        qkv_bias="blocks.0.attn.qkv.bias" in state, norm_eps=norm_eps, distill_token=distill_token,
     )
 
 
@@ -275,23 +278,26 @@ def load_pretrained(
         weight = state["patch_embed.proj.weight"].reshape(cfg.dim, cfg.in_channels, cfg.patch_size, cfg.patch_size)
         state["patch_embed.proj.weight"] = resample_patch_projection(weight, new.patch_size).flatten(1)
     if new.grid_size != cfg.grid_size:
-        state["pos_embed"] = resample_pos_embed(state["pos_embed"], new.grid_size)
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], new.grid_size, new.num_prefix_tokens)
     model = VisionTransformer(new)
-    if new.num_classes != cfg.num_classes:  # the model's own head: zero, so no class is favoured at the start
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
-        state.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
+    if new.num_classes != cfg.num_classes:  # the model's own heads: zero, so no class is favoured at the start
+        heads = ("head.", "head_dist.")
+        state = {k: v for k, v in state.items() if not k.startswith(heads)}
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith(heads)})
     model.load_state_dict(state)
     return model
 
 
 def freeze_blocks(model: VisionTransformer, blocks: int) -> None:
-    """Freezes the patch and position embeddings, the class token and the first `blocks` blocks (0: nothing),
-    to fine-tune only the top of a pre-trained model; the optimiser skips frozen parameters."""
+    """Freezes the patch and position embeddings, the class (and distillation) token and the first `blocks`
+    blocks (0: nothing), to fine-tune only the top of a pre-trained model; the optimiser skips frozen parameters."""
     if not 0 <= blocks <= len(model.blocks):
         raise VitkitError(f"cannot freeze {blocks} blocks of a {len(model.blocks)}-block model: use 0 to {len(model.blocks)}")
     if blocks == 0:
         return
     frozen = [*model.patch_embed.parameters(), model.cls_token, model.pos_embed]
+    if model.dist_token is not None:
+        frozen.append(model.dist_token)
     for block in model.blocks[:blocks]:
         frozen.extend(block.parameters())
     for p in frozen:
@@ -312,8 +318,8 @@ def _check_fits(state: dict[str, Tensor], cfg: ViTConfig, what: str) -> None:
     ]
     if problems:
         raise VitkitError(
-            f"{what} do not fit a plain ViT ({'; '.join(problems)}): vitkit loads ViTs with a class token, "
-            "pre-norm blocks and a linear head (no layer scale, register or distillation tokens, fc_norm)"
+            f"{what} do not fit a plain ViT ({'; '.join(problems)}): vitkit loads ViTs with a class token (and "
+            "a distillation token), pre-norm blocks and a linear head (no layer scale, register tokens, fc_norm)"
         )
 
 

@@ -1,11 +1,12 @@
 """Size, cost and memory of a ViT, computed from its config alone (no model is built).
 
-Counts, with T = 1 + K tokens (K kept patches, N by default), width D, MLP width M, h heads and
-patches of C·P·P values:
+Counts, with T = 1 + K tokens (K kept patches, N by default; 2 + K with a distillation token), width D,
+MLP width M, h heads and patches of C·P·P values:
 
     parameters  patch projection C·P·P·D + D, class token D, learned position table (1 + N)·D,
                 per block 2 LayerNorms 4D, qkv 3D² (+3D bias), proj D² + D, fc1 D·M + M, fc2 M·D + D,
-                final LayerNorm 2D, head D·classes + classes
+                final LayerNorm 2D, head D·classes + classes; a distillation token adds D, a
+                position row D and a second head
     MACs        patch projection K·C·P·P·D, per block qkv 3·T·D², QKᵀ T²·D, AV T²·D, proj T·D²,
                 fc1 T·D·M, fc2 T·M·D, head D·classes
 """
@@ -74,23 +75,26 @@ def summarize(cfg: ViTConfig, batch_size: int = 1, keep_tokens: int | None = Non
     kept = n if keep_tokens is None else keep_tokens
     if not 1 <= kept <= n:
         raise VitkitError(f"keep_tokens={keep_tokens} is out of range: keep between 1 and {n} patches")
-    B, T, D, M, patch_dim = batch_size, 1 + kept, cfg.dim, cfg.mlp_dim, cfg.in_channels * cfg.patch_size**2
+    prefix = cfg.num_prefix_tokens
+    B, T, D, M, patch_dim = batch_size, prefix + kept, cfg.dim, cfg.mlp_dim, cfg.in_channels * cfg.patch_size**2
 
     qkv_bias = 3 * D if cfg.qkv_bias else 0
     block_params = 4 * D + (3 * D * D + qkv_bias) + (D * D + D) + (D * M + M) + (M * D + D)
     block_macs = 3 * T * D * D + 2 * T * T * D + T * D * D + 2 * T * D * M
     # The fixed sinusoidal tables are buffers, not parameters.
-    embed_params = D + ((1 + n) * D if cfg.pos_embed == "learned" else 0)
+    embed_params = prefix * D + ((prefix + n) * D if cfg.pos_embed == "learned" else 0)
     head_params = D * cfg.num_classes + cfg.num_classes
     layers = [
         LayerRow("patch_embed", (B, kept, D), patch_dim * D + D, kept * patch_dim * D),
-        LayerRow("cls_token + pos_embed", (B, T, D), embed_params, 0),
+        LayerRow("cls_token + pos_embed" if prefix == 1 else "cls/dist_token + pos_embed", (B, T, D), embed_params, 0),
         *(LayerRow(f"blocks.{i}", (B, T, D), block_params, block_macs) for i in range(cfg.depth)),
         LayerRow("norm", (B, T, D), 2 * D, 0),
         LayerRow(f"pool ({cfg.pool})", (B, D), 0, 0),
     ]
     if cfg.num_classes > 0:  # num_classes=0 builds a feature extractor without a head
         layers.append(LayerRow("head", (B, cfg.num_classes), head_params, D * cfg.num_classes))
+        if cfg.distill_token:
+            layers.append(LayerRow("head_dist", (B, cfg.num_classes), head_params, D * cfg.num_classes))
     parameters = sum(row.parameters for row in layers)
 
     floats = kept * patch_dim + cfg.depth * _block_activation_floats(T, D, M, cfg.heads) + T * D

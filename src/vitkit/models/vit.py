@@ -10,6 +10,10 @@ Two capabilities beyond the plain forward, used by explanation and certification
 - `keep` (B, K) runs on a subset of the patch tokens, each with its true position embedding, so
   fully masked patches are dropped from the sequence instead of being computed.
 
+With `distill_token` the model is DeiT's (Touvron et al. 2021): a second learned token beside the
+class token, with its own position embedding and head `head_dist`, trained towards a teacher's
+predictions; the output is the mean of the two heads' logits.
+
 Parameter names follow timm's VisionTransformer (`patch_embed.proj`, `blocks.N.attn.qkv`, ...), so
 pre-trained weights map with few renames.
 """
@@ -48,6 +52,7 @@ class ViTConfig:
     attn_dropout: float = 0.0
     drop_path: float = 0.0  # stochastic depth rate of the last block, linear from 0 at the first
     norm_eps: float = 1e-6
+    distill_token: bool = False  # DeiT's distillation token and head (hard distillation, `vitkit train --distill hard`)
 
     def __post_init__(self) -> None:
         if self.image_size <= 0 or self.patch_size <= 0 or self.image_size % self.patch_size:
@@ -69,6 +74,11 @@ class ViTConfig:
     @property
     def num_patches(self) -> int:
         return self.grid_size**2
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: the class token, and the distillation token where there is one."""
+        return 1 + self.distill_token
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -180,14 +190,16 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT with a class token, learned or sinusoidal position embeddings and a linear head."""
+    """ViT with a class token (and optionally a distillation token), learned or sinusoidal position embeddings
+    and a linear head."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_channels, cfg.dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        n_tokens = cfg.num_patches + 1
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.distill_token else None
+        n_tokens = cfg.num_prefix_tokens + cfg.num_patches
         if cfg.pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, cfg.dim))
         else:
@@ -199,10 +211,13 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.head_dist = (
+            (nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()) if cfg.distill_token else None
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """timm's initialisation: truncated normal (std 0.02) for linear layers and embeddings, zero head."""
+        """timm's initialisation: truncated normal (std 0.02) for linear layers and embeddings, zero heads."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -212,16 +227,20 @@ class VisionTransformer(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        for head in (self.head, self.head_dist):
+            if isinstance(head, nn.Linear):
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
 
     def forward_features(
         self, x: Tensor, keep: Tensor | None = None, return_attention: bool = False
     ) -> tuple[Tensor, list[Tensor]]:
-        """Normalised tokens (B, 1+K, D), class token first, and the attention maps (empty unless asked).
+        """Normalised tokens (B, prefix + K, D), the class token first (then the distillation token, if any),
+        and the attention maps (empty unless asked).
 
         keep: (B, K) int64 indices of the patches to keep (row-major over the grid, 0..N-1); every image
         in the batch keeps the same number K. None keeps all N.
@@ -233,20 +252,21 @@ class VisionTransformer(nn.Module):
             )
         tokens = self.patch_embed(x, keep)
         n_patches = (x.shape[-2] // self.cfg.patch_size) * (x.shape[-1] // self.cfg.patch_size)
-        pos = self.pos_embed
-        if pos.shape[1] != n_patches + 1:
+        pos, n_prefix = self.pos_embed, self.cfg.num_prefix_tokens
+        if pos.shape[1] != n_prefix + n_patches:
             raise VitkitError(
                 f"input of {x.shape[-2]}×{x.shape[-1]} pixels gives {n_patches} patches but the model was built "
-                f"for {pos.shape[1] - 1}: resize the images to {self.cfg.image_size} or resample the position "
+                f"for {pos.shape[1] - n_prefix}: resize the images to {self.cfg.image_size} or resample the position "
                 "embeddings (vitkit.models.resample_pos_embed)"
             )
-        patch_pos = pos[:, 1:]
+        patch_pos = pos[:, n_prefix:]
         if keep is None:
             tokens = tokens + patch_pos
         else:
             tokens = tokens + patch_pos.expand(x.shape[0], -1, -1).gather(1, keep[..., None].expand(-1, -1, pos.shape[-1]))
-        cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
-        z = self.pos_drop(torch.cat([cls, tokens], dim=1))
+        prefix = self.cls_token if self.dist_token is None else torch.cat([self.cls_token, self.dist_token], dim=1)
+        prefix = (prefix + pos[:, :n_prefix]).expand(x.shape[0], -1, -1)
+        z = self.pos_drop(torch.cat([prefix, tokens], dim=1))
         attentions = []
         for block in self.blocks:
             z, attn = block(z, return_attention)
@@ -255,31 +275,42 @@ class VisionTransformer(nn.Module):
         return self.norm(z), attentions
 
     def pool(self, z: Tensor) -> Tensor:
-        return z[:, 0] if self.cfg.pool == "cls" else z[:, 1:].mean(dim=1)
+        """The class head's input: the class token, or the mean of the patch tokens."""
+        return z[:, 0] if self.cfg.pool == "cls" else z[:, self.cfg.num_prefix_tokens :].mean(dim=1)
 
     def forward(
-        self, x: Tensor, keep: Tensor | None = None, return_attention: bool = False
+        self, x: Tensor, keep: Tensor | None = None, return_attention: bool = False, both_heads: bool = False
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
-        """Logits (B, classes); with `return_attention`, also the list of (B, heads, T, T) attention maps."""
+        """Logits (B, classes); with `return_attention`, also the list of (B, heads, T, T) attention maps.
+
+        With a distillation token the logits are the mean of the class head's and the distillation head's
+        (DeiT's prediction); `both_heads` returns them stacked instead, (B, 2, classes), class head first,
+        for training each towards its own target.
+        """
         z, attentions = self.forward_features(x, keep, return_attention)
         logits = self.head(self.pool(z))
+        if self.head_dist is not None:
+            heads = torch.stack([logits, self.head_dist(z[:, 1])], dim=1)
+            logits = heads if both_heads else heads.mean(dim=1)
+        elif both_heads:
+            raise VitkitError("both_heads needs a model with a distillation token (ViTConfig(distill_token=True))")
         return (logits, attentions) if return_attention else logits
 
     def resize(self, image_size: int) -> None:
         """Adapts the model to another image size by resampling the position embeddings (same patch size)."""
         cfg = ViTConfig.from_dict({**self.cfg.to_dict(), "image_size": image_size})
         if isinstance(self.pos_embed, nn.Parameter):
-            self.pos_embed = nn.Parameter(resample_pos_embed(self.pos_embed.data, cfg.grid_size))
+            self.pos_embed = nn.Parameter(resample_pos_embed(self.pos_embed.data, cfg.grid_size, cfg.num_prefix_tokens))
         else:
-            n_tokens = cfg.num_patches + 1
+            n_tokens = cfg.num_prefix_tokens + cfg.num_patches
             table = sincos_1d(n_tokens, cfg.dim) if cfg.pos_embed == "sincos1d" else _sincos_2d_with_cls(cfg)
             self.pos_embed = table[None].to(self.pos_embed)
         self.cfg = cfg
 
 
 def _sincos_2d_with_cls(cfg: ViTConfig) -> Tensor:
-    # The class token has no place on the grid: it gets a zero encoding (as in MAE).
-    return torch.cat([torch.zeros(1, cfg.dim), sincos_2d(cfg.grid_size, cfg.dim)], dim=0)
+    # The class (and distillation) token has no place on the grid: it gets a zero encoding (as in MAE).
+    return torch.cat([torch.zeros(cfg.num_prefix_tokens, cfg.dim), sincos_2d(cfg.grid_size, cfg.dim)], dim=0)
 
 
 def num_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -1,6 +1,11 @@
 """Checkpoints: safetensors weights with the model config in their metadata, and a separate
-training-state file for resuming. Every write goes to a temporary file first and is renamed into
-place, so an interrupted write never leaves a half-written checkpoint behind."""
+training-state file for resuming.
+
+The metadata's "arch" names the architecture ("vit", or "resnet18") and "model" what rebuilds it: a
+ViTConfig, or the ResNet's num_classes, in_channels and cifar_stem; both also hold image_size (the input
+size of training) and in_channels. Checkpoints written before "arch" existed are ViTs. Box-head checkpoints
+(task "boxes", `vitkit.train.boxes`) are rebuilt there. Every write goes to a temporary file first and is
+renamed into place, so an interrupted write never leaves a half-written checkpoint behind."""
 
 from __future__ import annotations
 
@@ -15,9 +20,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vitkit.errors import VitkitError
-from vitkit.models import ViTConfig, VisionTransformer
+from vitkit.models import ViTConfig, VisionTransformer, resnet18
 
 FORMAT_VERSION = 1
+ARCHS = ("vit", "resnet18")
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -39,7 +45,7 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def save_model(path: str | Path, state_dict: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
-    """Weights plus `info` (must hold "model": a ViTConfig dict; also classes, mean, std, ...) as metadata."""
+    """Weights plus `info` (must hold "arch" and "model", see above; also classes, mean, std, ...) as metadata."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     metadata = {"vitkit": json.dumps({"format": FORMAT_VERSION, **info})}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -73,13 +79,38 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[VisionTransformer, dict[str, Any]]:
-    """The model of a checkpoint, in eval mode, with its metadata (classes, mean, std, ...)."""
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model of a checkpoint (a VisionTransformer or a ResNet), in eval mode, with its metadata (classes,
+    mean, std, ...)."""
     path = resolve_checkpoint(path)
     info = read_info(path)
-    model = VisionTransformer(ViTConfig.from_dict(info["model"]))
+    model = build_from_info(info, str(path))
     load_weights(model, load_file(str(path)), str(path))
     return model.to(device).eval(), info
+
+
+def build_from_info(info: dict[str, Any], source: str) -> torch.nn.Module:
+    """A freshly initialised model of the architecture a checkpoint's metadata describes."""
+    arch = info.get("arch", "vit")
+    if info.get("task") == "boxes":
+        raise VitkitError(f"{source} is a bounding-box model (`vitkit train-boxes`): evaluate it with `vitkit eval`")
+    if arch == "vit":
+        return VisionTransformer(ViTConfig.from_dict(info["model"]))
+    if arch == "resnet18":
+        m = info["model"]
+        return resnet18(m["num_classes"], m["in_channels"], m["cifar_stem"])
+    raise VitkitError(f"{source} holds a {arch!r} model, which this vitkit cannot build ({', '.join(ARCHS)}): upgrade vitkit")
+
+
+def describe_model(model: torch.nn.Module, image_size: int) -> dict[str, Any]:
+    """The "arch" and "model" metadata `build_from_info` rebuilds `model` from: a VisionTransformer, or a
+    ResNet-18 of `vitkit.models.resnet18` trained on `image_size`-pixel images."""
+    if isinstance(model, VisionTransformer):
+        return {"arch": "vit", "model": model.cfg.to_dict()}
+    return {"arch": "resnet18", "model": {
+        "num_classes": model.fc.out_features, "in_channels": model.conv1.in_channels,
+        "cifar_stem": isinstance(model.maxpool, torch.nn.Identity), "image_size": image_size,
+    }}
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -102,6 +133,20 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], so
             "use the model configuration the checkpoint was trained with"
         )
     model.load_state_dict(state_dict)
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The random-number generators' state (CPU, and the device's on CUDA), for an exact resume."""
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def restore_rng_state(rng: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:

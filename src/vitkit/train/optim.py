@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from vitkit.errors import VitkitError
 from vitkit.train.config import TrainConfig
 
 # Embedding tables are not decayed (as in timm and DeiT): shrinking them toward zero only hurts.
@@ -14,13 +15,16 @@ NO_DECAY_NAMES = ("cls_token", "pos_embed", "dist_token")
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
-    """Matrices decayed; norms, biases and embeddings not; frozen parameters left out.
+    """Matrices (and convolution kernels) decayed; norms (LayerNorm, BatchNorm), biases and embeddings not;
+    frozen parameters left out.
 
     Each group has an "lr_scale": layer_decay^(L + 1 - layer) for a ViT of L blocks, where the embeddings are
     layer 0, block i is layer i + 1 and the final norm and head layer L + 1 (layer-wise learning-rate decay,
     BEiT's fine-tuning: the layers nearest the input change least). Without decay that is two groups,
     decayed first; otherwise a pair per layer. The head's come first, so param_groups[0] has the peak rate.
     """
+    if layer_decay != 1 and not hasattr(model, "blocks"):
+        raise VitkitError("layer-wise learning-rate decay needs a ViT (its blocks are the layers): drop --layer-decay")
     depth = len(model.blocks) if layer_decay != 1 else 0  # without decay, any module: every scale is 1
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
@@ -36,11 +40,11 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
 
 
 def layer_index(name: str, depth: int) -> int:
-    """A ViT parameter's layer: 0 for the patch and position embeddings and class token, i + 1 for block i,
-    depth + 1 for the final norm and the head."""
+    """A ViT parameter's layer: 0 for the patch and position embeddings and class (and distillation) token,
+    i + 1 for block i, depth + 1 for the final norm and the heads."""
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1
-    if name.startswith(("norm.", "head.")):
+    if name.startswith(("norm.", "head.", "head_dist.")):
         return depth + 1
     return 0
 

@@ -27,12 +27,17 @@ from vitkit.attacks import ATTACKS, Adversary, Trades
 from vitkit.data import Augment, AugmentConfig, DeviceLoader, ImageDataset, channel_stats, load_dataset, train_val_split
 from vitkit.errors import VitkitError
 from vitkit.models import (
-    VisionTransformer, freeze_blocks, load_pretrained, num_parameters, preset_config, read_pretrained,
+    CIFAR_STEM_MAX_SIZE, VisionTransformer, freeze_blocks, load_pretrained, num_parameters, preset_config,
+    read_pretrained, resnet18,
 )
 from vitkit.plots import plot_learning_curves
 from vitkit.smoothing import Ablation, RandomlyAblated
-from vitkit.train.checkpoint import load_model, load_state, load_weights, save_model, save_state, write_json
+from vitkit.train.checkpoint import (
+    build_from_info, describe_model, load_model, load_state, load_weights, restore_rng_state, rng_state, save_model,
+    save_state, write_json,
+)
 from vitkit.train.config import TrainConfig
+from vitkit.train.distill import Distiller, load_teacher
 from vitkit.train.evaluate import FlipAveraged, autocast, classification_metrics, predict_dataset
 from vitkit.train.optim import EMA, build_optimizer, build_scheduler
 
@@ -76,11 +81,14 @@ def prepare_data(cfg: TrainConfig, image_size: int | None) -> DataSplits:
     return DataSplits(train, val if len(val) else None, test, mean, std)
 
 
-def build_model(cfg: TrainConfig, data: ImageDataset) -> VisionTransformer:
+def build_model(cfg: TrainConfig, data: ImageDataset) -> torch.nn.Module:
     """The preset, with the data set's classes, channels and image size, or the --pretrained weights adapted
-    to them; the embeddings and first --freeze-blocks blocks frozen."""
+    to them; the embeddings and first --freeze-blocks blocks frozen; a distillation token for --distill hard.
+    Or, for --model resnet18, a ResNet-18 with the CIFAR stem on images of at most 64 pixels."""
     if data.image_size[0] != data.image_size[1]:
         raise VitkitError(f"images of {data.image_size[0]}×{data.image_size[1]} are not square: pass --image-size")
+    if cfg.model == "resnet18":
+        return resnet18(data.num_classes, data.channels, cifar_stem=data.image_size[0] <= CIFAR_STEM_MAX_SIZE)
     model = pretrained_model(cfg, data) if cfg.pretrained else VisionTransformer(preset_config(
         cfg.model,
         num_classes=data.num_classes,
@@ -95,7 +103,13 @@ def build_model(cfg: TrainConfig, data: ImageDataset) -> VisionTransformer:
         pool=cfg.pool,
         dropout=cfg.dropout,
         drop_path=cfg.drop_path,
+        distill_token=cfg.distill == "hard",
     ))
+    if cfg.distill == "hard" and not model.cfg.distill_token:
+        raise VitkitError(
+            "--distill hard needs a distillation token, which the --pretrained weights lack: use distilled weights "
+            "(e.g. deit_tiny_distilled_patch16_224.fb_in1k) or --distill soft"
+        )
     freeze_blocks(model, cfg.freeze_blocks)
     return model
 
@@ -142,9 +156,10 @@ class Trainer:
         self.device = select_device(cfg.device)
         torch.manual_seed(cfg.seed)
 
-        # ImageFolder sources are resized to the preset's size (the pre-trained weights') unless told otherwise.
+        # ImageFolder sources are resized to the preset's size (the pre-trained weights') unless told otherwise; for a
+        # ResNet, which takes any size, they keep their own.
         data_is_builtin = cfg.data in ("digits", "cifar10", "cifar100")
-        if cfg.image_size or data_is_builtin:
+        if cfg.image_size or data_is_builtin or cfg.model == "resnet18":
             image_size = cfg.image_size
         else:
             image_size = (read_pretrained(cfg.pretrained)[1] if cfg.pretrained else preset_config(cfg.model)).image_size
@@ -155,8 +170,8 @@ class Trainer:
             Ablation(cfg.ablation, cfg.ablation_size, self.data.train.image_size, cfg.ablation_stride)
             if cfg.ablation else None
         )
-        if self.ablation:  # one random ablation per image, fully masked tokens dropped
-            self.forward = RandomlyAblated(self.forward, self.ablation, patch_size=self.model.cfg.patch_size)
+        if self.ablation:  # one random ablation per image, fully masked tokens dropped (a CNN sees whole images)
+            self.forward = RandomlyAblated(self.forward, self.ablation, patch_size=token_size(self.model))
         # Attacks target the plain model: a compiled one would recompile at each eval/train switch.
         self.adversary = Adversary(
             self.model, self.data.mean, self.data.std, attack=cfg.adv, eps=cfg.eps, steps=cfg.adv_steps,
@@ -166,6 +181,7 @@ class Trainer:
             self.model, self.data.mean, self.data.std, beta=cfg.trades_beta, eps=cfg.eps, steps=cfg.adv_steps,
             step_size=cfg.adv_step_size, norm=cfg.adv_norm,
         ) if cfg.adv == "trades" else None
+        self.distiller = self.build_distiller() if cfg.distill else None
 
         self.train_loader = DeviceLoader(
             self.data.train, cfg.batch_size, mean=self.data.mean, std=self.data.std, device=self.device,
@@ -182,12 +198,22 @@ class Trainer:
         self.best_epoch = 0
         self.history: list[dict[str, Any]] = []
 
+    def build_distiller(self) -> Distiller:
+        """The --teacher, frozen on the device (compiled with the student under --compile), and the loss."""
+        cfg, train = self.cfg, self.data.train
+        teacher, info = load_teacher(cfg.teacher, self.device, train.classes, train.image_size[0], train.channels)
+        return Distiller(
+            self.model, self.data.mean, self.data.std, torch.compile(teacher) if cfg.compile else teacher,
+            info["mean"], info["std"], kind=cfg.distill, alpha=cfg.distill_alpha, temperature=cfg.distill_temperature,
+            label_smoothing=cfg.label_smoothing,
+        )
+
     # -- checkpoints -------------------------------------------------------------------------
 
     def model_info(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        """What a checkpoint needs to be used on its own: model shape, classes, normalisation."""
+        """What a checkpoint needs to be used on its own: architecture and shape, classes, normalisation."""
         return {
-            "model": self.model.cfg.to_dict(),
+            **describe_model(self.model, self.data.train.image_size[0]),
             "classes": self.data.train.classes,
             "mean": list(self.data.mean),
             "std": list(self.data.std),
@@ -203,16 +229,13 @@ class Trainer:
 
     def save(self, metrics: dict[str, Any], is_best: bool) -> None:
         # The state file goes first: the weights files are what users read, the state is what resume reads.
-        rng = {"cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         save_state(self.out / "state.pt", {
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "ema": self.ema.shadow if self.ema else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": rng,
+            "rng": rng_state(self.device),
             "best_score": torch.tensor(self.best_score, dtype=torch.float64),
             "best_epoch": self.best_epoch,
             "history": json.dumps(self.history),
@@ -230,9 +253,7 @@ class Trainer:
             self.ema.shadow = {k: v.to(self.device) for k, v in state["ema"].items()}
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        restore_rng_state(state["rng"], self.device)
         self.epoch = state["epoch"]
         self.best_score = tuple(state["best_score"].tolist())
         self.best_epoch = state["best_epoch"]
@@ -255,8 +276,11 @@ class Trainer:
             if self.adversary:
                 x = self.adversary(x, y)
             with autocast(self.device, cfg.bf16):
-                logits = self.forward(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                if self.distiller:
+                    loss, logits = self.distiller(self.forward, x, y)
+                else:
+                    logits = self.forward(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                 if self.trades:
                     loss = loss + self.trades.loss(self.forward, x, logits)
             self.optimizer.zero_grad(set_to_none=True)
@@ -288,19 +312,19 @@ class Trainer:
             "images_per_second": seen / elapsed,
         }
 
-    def evaluation_model(self) -> VisionTransformer:
+    def evaluation_model(self) -> torch.nn.Module:
         if not self.ema:
             return self.model
-        model = VisionTransformer(self.model.cfg).to(self.device)
+        model = build_from_info(describe_model(self.model, self.data.train.image_size[0]), "the EMA weights")
         model.load_state_dict(self.ema.shadow)
-        return model
+        return model.to(self.device)
 
-    def scored(self, model: VisionTransformer) -> torch.nn.Module:
+    def scored(self, model: torch.nn.Module) -> torch.nn.Module:
         """What validation and test accuracy measure: the model on whole images (averaged with their mirror
         images under --tta-flip), or, when training on ablations, on one seeded random ablation per image
         (the same ones every epoch)."""
         if self.ablation:
-            return RandomlyAblated(model, self.ablation, patch_size=model.cfg.patch_size, seed=self.cfg.seed)
+            return RandomlyAblated(model, self.ablation, patch_size=token_size(model), seed=self.cfg.seed)
         return FlipAveraged(model) if self.cfg.tta_flip else model
 
     def validate(self) -> dict[str, float]:
@@ -370,6 +394,11 @@ class Trainer:
         summary["checkpoint"] = str(self.out / "best.safetensors")
         write_json(self.out / "summary.json", summary)
         return summary
+
+
+def token_size(model: torch.nn.Module) -> int | None:
+    """A ViT's patch size, for ablations to drop its fully masked tokens; None for a CNN, which sees whole images."""
+    return model.cfg.patch_size if isinstance(model, VisionTransformer) else None
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:

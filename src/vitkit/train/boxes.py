@@ -1,0 +1,521 @@
+"""Seed 001's classification-plus-localisation fine-tuning: a class and the hand's bounding box per image.
+
+The loss is CE / C + box loss, the box loss the mean squared error of the (cx, cy, w, h) coordinates (seed 001),
+smooth L1 or 1 − GIoU. C balances the two terms: a number, or `auto`, which measures the mean cross-entropy and
+the mean box loss of the first `balance_batches` training batches (eval mode, before the first step) and sets
+C = CE / box loss, so that both terms start equal; it is then fixed for the run and saved with it.
+
+The figures are accuracy, the mean IoU and the share of images whose predicted box has IoU ≥ 0.5, 0.75 and 0.9
+with the true box. IoU is measured on every image, whatever the predicted class (seed 001's definition).
+
+A run folder holds config.json (the BoxTrainConfig, what `--resume` reads back), last.safetensors and
+best.safetensors (best by validation accuracy, then mean IoU, or the reverse; metadata task "boxes", the architecture, classes,
+normalisation, image size: a checkpoint loads on its own with `load_box_model`), state.pt (exact resume at epoch
+boundaries), history.jsonl, curves.png, boxes.png (test predictions) and summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from vitkit.data.box_augment import BoxAugment, BoxAugmentConfig, BoxLoader
+from vitkit.data.boxes import BoxDataset, MissingSplit, box_iou, generalized_box_iou, load_box_dataset
+from vitkit.data.datasets import channel_stats, train_val_split
+from vitkit.errors import VitkitError
+from vitkit.models.box_head import BACKBONES, RESNET18_FEATURES, BoxModel, resnet18_backbone, vit_backbone
+from vitkit.models.vit import num_parameters
+from vitkit.plots import plot_box_predictions, plot_learning_curves
+from vitkit.train.checkpoint import (
+    load_state, load_weights, read_info, resolve_checkpoint, restore_rng_state, rng_state, save_model, save_state,
+    write_json,
+)
+from vitkit.train.evaluate import autocast
+from vitkit.train.optim import build_optimizer, build_scheduler
+from vitkit.train.trainer import select_device
+
+BOX_LOSSES = ("mse", "smooth_l1", "giou")
+SMOOTH_L1_BETA = 0.05  # where smooth L1 turns from quadratic to linear, in box units (about 11 pixels at 224)
+SCHEDULES = ("cosine", "constant", "plateau")
+NORMALIZATIONS = ("auto", "imagenet", "dataset")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IOU_THRESHOLDS = (0.5, 0.75, 0.9)
+IOU_NOTE = "IoU of each image's predicted box with its true box, on every image, whatever the predicted class"
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class BoxTrainConfig:
+    """Everything a box-training run depends on; saved as config.json in the run folder."""
+
+    # data
+    data: str | None = _opt(None, "a YOLO folder (data.yaml, {train,valid,test}/{images,labels}), a .tar.gz of one, "
+                                  "or a CSV (path,label,x_min,y_min,x_max,y_max[,split], pixels)")
+    image_size: int = _opt(224, "images are resized to this square size (boxes are fractions: they do not move)")
+    val_fraction: float = _opt(0.1, "share of the training images held out for validation when the data has no "
+                                    "val/valid split")
+    # model
+    backbone: str = _opt("vit", "vit or resnet18")
+    model: str = _opt("vit_tiny", "ViT preset when no --pretrained weights are given")
+    pretrained: str | None = _opt(None, "vit: timm/HF weights, a file or a hub name (e.g. "
+                                        "deit_tiny_patch16_224.fb_in1k); resnet18: a local torchvision state dict")
+    patch_size: int | None = _opt(None, "vit: patch size (the pre-trained projection is resampled to it)")
+    dim: int | None = _opt(None, "vit from scratch: override the preset's width")
+    depth: int | None = _opt(None, "vit from scratch: override the preset's number of blocks")
+    heads: int | None = _opt(None, "vit from scratch: override the preset's attention heads")
+    mlp_dim: int | None = _opt(None, "vit from scratch: override the preset's MLP width")
+    freeze_blocks: int = _opt(0, "vit with --pretrained: freeze the embeddings and the first N blocks (seed 001: 6)")
+    cifar_stem: bool = _opt(False, "resnet18: 3x3 stride-1 stem without max-pool, for images of about 32 pixels")
+    hidden: int = _opt(512, "hidden width of the classifier and box-regressor MLPs")
+    head_dropout: float = _opt(0.2, "dropout in the two head MLPs")
+    sigmoid: bool = _opt(True, "sigmoid on the box regressor's output, so boxes stay in [0, 1]")
+    normalize: str = _opt("auto", "pixel normalisation: imagenet, dataset (training-set statistics), or auto "
+                                  "(imagenet with --pretrained weights, which were trained with it; else dataset)")
+    # loss
+    box_loss: str = _opt("mse", "box loss: mse (seed 001), smooth_l1 or giou")
+    loss_balance: str = _opt("auto", "C in CE/C + box loss: a number, or auto (both terms equal at the start)")
+    balance_batches: int = _opt(4, "training batches measured for --loss-balance auto")
+    # optimisation
+    epochs: int = _opt(25, "training epochs")
+    batch_size: int = _opt(32, "batch size")
+    optimizer: str = _opt("adamw", "adamw or sgd")
+    lr: float = _opt(1e-4, "peak learning rate")
+    weight_decay: float = _opt(0.0, "weight decay of matrices (0 with adamw: Adam, as seed 001)")
+    momentum: float = _opt(0.9, "SGD momentum (Nesterov)")
+    schedule: str = _opt("cosine", "cosine (after warmup), constant, or plateau (ReduceLROnPlateau on the "
+                                   "validation loss, after warmup)")
+    warmup_epochs: float = _opt(1.0, "linear warmup length in epochs")
+    plateau_patience: int = _opt(3, "plateau: epochs without improvement before the learning rate drops")
+    plateau_factor: float = _opt(0.5, "plateau: factor of each drop")
+    grad_clip: float = _opt(0.0, "clip the gradient norm to this value (0: off)")
+    bf16: bool = _opt(True, "bfloat16 autocast of the backbone on CUDA (the heads stay float32; ignored on CPU)")
+    # augmentation (batched on the device; boxes move with the pixels)
+    hflip: float = _opt(0.0, "horizontal flip probability (0 by default: a mirrored sign may be another letter)")
+    crop_scale: list[float] | None = _opt(None, "box-safe random crop: window area range, e.g. 0.6,1.0 (>1 zooms out)")
+    crop_ratio: list[float] = _opt((0.75, 4 / 3), "box-safe random crop: window aspect-ratio range")
+    brightness: float = _opt(0.0, "colour jitter: brightness factor range ±j")
+    contrast: float = _opt(0.0, "colour jitter: contrast factor range ±j")
+    saturation: float = _opt(0.0, "colour jitter: saturation factor range ±j")
+    # run
+    seed: int = _opt(0, "random seed (data order, augmentation, initialisation)")
+    device: str = _opt("auto", "cuda, mps, cpu or auto")
+    eval_batch_size: int = _opt(256, "batch size for validation and test")
+    select_by: str = _opt("accuracy", "best checkpoint by validation accuracy then mean IoU (accuracy), or by mean "
+                                      "IoU then accuracy (iou)")
+
+    # Layer-wise learning-rate decay needs a bare ViT's parameter names (vitkit.train.optim): not offered here.
+    layer_decay: ClassVar[float] = 1.0
+
+    def __post_init__(self) -> None:
+        self.loss_balance = str(self.loss_balance)
+        self.crop_ratio = [float(r) for r in self.crop_ratio]
+        if self.crop_scale is not None:
+            self.crop_scale = [float(s) for s in self.crop_scale]
+        shape = [f"--{n.replace('_', '-')}" for n in ("dim", "depth", "heads", "mlp_dim") if getattr(self, n)]
+        checks = [
+            (self.data is not None, "--data is required: a YOLO folder, a .tar.gz of one, or a CSV file"),
+            (self.backbone in BACKBONES, f"unknown backbone {self.backbone!r}: use one of {', '.join(BACKBONES)}"),
+            (self.box_loss in BOX_LOSSES, f"unknown box loss {self.box_loss!r}: use one of {', '.join(BOX_LOSSES)}"),
+            (self.loss_balance == "auto" or _positive_number(self.loss_balance),
+             f"--loss-balance {self.loss_balance!r} is neither auto nor a positive number: pass e.g. auto or 10"),
+            (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}"),
+            (self.normalize in NORMALIZATIONS, f"unknown --normalize {self.normalize!r}: use one of "
+                                               f"{', '.join(NORMALIZATIONS)}"),
+            (self.optimizer in ("adamw", "sgd"), f"unknown optimizer {self.optimizer!r}: use adamw or sgd"),
+            (self.epochs > 0 and self.batch_size > 0 and self.lr > 0 and self.image_size > 0,
+             "--epochs, --batch-size, --lr and --image-size must be positive"),
+            (self.balance_batches > 0, "--balance-batches must be positive"),
+            (self.select_by in ("accuracy", "iou"), f"unknown --select-by {self.select_by!r}: use accuracy or iou"),
+            (0 <= self.val_fraction < 1, "--val-fraction must lie in [0, 1)"),
+            (0 < self.plateau_factor < 1, "--plateau-factor must lie in (0, 1)"),
+            (self.freeze_blocks >= 0, "--freeze-blocks must be 0 (none) or a positive number of blocks"),
+            (not self.freeze_blocks or (self.backbone == "vit" and self.pretrained),
+             "--freeze-blocks keeps pre-trained ViT blocks fixed: use --backbone vit with --pretrained, or drop it"),
+            (not (shape and (self.pretrained or self.backbone != "vit")),
+             f"{', '.join(shape)} shape a ViT trained from scratch: drop them with --pretrained or --backbone resnet18"),
+            (not self.cifar_stem or self.backbone == "resnet18", "--cifar-stem applies to --backbone resnet18 only"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise VitkitError(message)
+        self.augment_config()  # its own checks
+
+    def augment_config(self) -> BoxAugmentConfig:
+        return BoxAugmentConfig(
+            hflip=self.hflip, crop_scale=tuple(self.crop_scale) if self.crop_scale else None,
+            crop_ratio=tuple(self.crop_ratio), brightness=self.brightness, contrast=self.contrast,
+            saturation=self.saturation,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _positive_number(text: str) -> bool:
+    try:
+        return 0 < float(text) < float("inf")
+    except ValueError:
+        return False
+
+
+# -- losses and figures ----------------------------------------------------------------------
+
+
+def box_loss(pred: Tensor, true: Tensor, kind: str) -> Tensor:
+    """Mean box loss of (cx, cy, w, h) boxes (B, 4): mse, smooth_l1 (β = SMOOTH_L1_BETA) or giou (1 − GIoU)."""
+    if kind == "mse":
+        return F.mse_loss(pred, true)
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(pred, true, beta=SMOOTH_L1_BETA)
+    if kind == "giou":
+        return (1 - generalized_box_iou(pred, true)).mean()
+    raise VitkitError(f"unknown box loss {kind!r}: use one of {', '.join(BOX_LOSSES)}")
+
+
+def task_loss(logits: Tensor, pred: Tensor, labels: Tensor, boxes: Tensor, balance: float, kind: str
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """(CE / balance + box loss, CE, box loss), in float32."""
+    ce = F.cross_entropy(logits.float(), labels)
+    bl = box_loss(pred.float(), boxes.float(), kind)
+    return ce / balance + bl, ce, bl
+
+
+@torch.no_grad()
+def measure_loss_balance(model: BoxModel, loader: BoxLoader, kind: str, batches: int, device: torch.device,
+                         bf16: bool = False) -> float:
+    """C = mean CE / mean box loss over the first `batches` batches of epoch 0, in eval mode (no dropout, no
+    random draw): with it both loss terms start equal."""
+    was_training = model.training
+    model.eval()
+    loader.set_epoch(0)
+    ce = bl = torch.zeros((), device=device)
+    for _, (x, y, b) in zip(range(batches), loader):
+        with autocast(device, bf16):
+            logits, pred = model(x)
+        _, c, l = task_loss(logits, pred, y, b, 1.0, kind)
+        ce, bl = ce + c, bl + l
+    model.train(was_training)
+    return (ce / bl.clamp(min=1e-12)).item()
+
+
+@torch.inference_mode()
+def predict_boxes(model: BoxModel, data: BoxDataset, mean, std, device: torch.device, batch_size: int = 256,
+                  bf16: bool = False) -> tuple[Tensor, Tensor]:
+    """Logits (N, classes) and boxes (N, 4) in float32 on the CPU, for every image of `data`, unaugmented, in order."""
+    was_training = model.training
+    model.eval()
+    logits, boxes = [], []
+    for x, _, _ in BoxLoader(data, batch_size, mean=mean, std=std, device=device):
+        with autocast(device, bf16):
+            out_logits, out_boxes = model(x)
+        logits.append(out_logits.float())
+        boxes.append(out_boxes.float())
+    model.train(was_training)
+    return torch.cat(logits).cpu(), torch.cat(boxes).cpu()
+
+
+def box_metrics(logits: Tensor, pred: Tensor, labels: Tensor, boxes: Tensor, balance: float, kind: str,
+                prefix: str = "") -> dict[str, float]:
+    """Flat figures (fractions): loss, ce, box_loss, accuracy, iou_mean and iou50/iou75/iou90, the share of images
+    whose predicted box has at least that IoU with the true one (every image, whatever the predicted class)."""
+    loss, ce, bl = task_loss(logits, pred, labels, boxes, balance, kind)
+    iou = box_iou(pred.float(), boxes.float())
+    figures = {
+        "loss": loss.item(), "ce": ce.item(), "box_loss": bl.item(),
+        "accuracy": (logits.argmax(1) == labels).float().mean().item(), "iou_mean": iou.mean().item(),
+        **{f"iou{round(100 * t)}": (iou >= t).float().mean().item() for t in IOU_THRESHOLDS},
+    }
+    return {f"{prefix}{k}": v for k, v in figures.items()}
+
+
+# -- data, model and checkpoints -------------------------------------------------------------
+
+
+@dataclass
+class BoxSplits:
+    train: BoxDataset
+    val: BoxDataset | None
+    test: BoxDataset | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def prepare_box_data(cfg: BoxTrainConfig) -> BoxSplits:
+    """Train, validation (the source's val/valid split, else --val-fraction of train) and test splits (where the
+    source has one), and the normalisation."""
+    train = load_box_dataset(cfg.data, "train", cfg.image_size)
+    splits = {}
+    for split in ("val", "test"):
+        try:
+            splits[split] = load_box_dataset(cfg.data, split, cfg.image_size)
+        except MissingSplit:
+            splits[split] = None
+    val = splits["val"]
+    if val is None and cfg.val_fraction > 0:
+        train, val = train_val_split(train, cfg.val_fraction, seed=cfg.seed)
+        val.skipped = 0  # the source's skipped images are counted once, with train
+    if cfg.normalize == "imagenet" or (cfg.normalize == "auto" and cfg.pretrained):
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    else:
+        mean, std = channel_stats(train)
+    return BoxSplits(train, val if val is not None and len(val) else None, splits["test"], mean, std)
+
+
+def build_box_model(cfg: BoxTrainConfig, data: BoxDataset) -> BoxModel:
+    """The backbone of `cfg` (pre-trained where asked, frozen blocks) with seed 001's two heads."""
+    if cfg.backbone == "vit":
+        backbone = vit_backbone(
+            cfg.model, image_size=cfg.image_size, pretrained=cfg.pretrained, patch_size=cfg.patch_size,
+            in_channels=data.channels, freeze=cfg.freeze_blocks, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
+            mlp_dim=cfg.mlp_dim,
+        )
+        dim = backbone.cfg.dim
+    else:
+        backbone, dim = resnet18_backbone(cfg.pretrained, data.channels, cfg.cifar_stem), RESNET18_FEATURES
+    return BoxModel(backbone, dim, data.num_classes, cfg.hidden, cfg.head_dropout, cfg.sigmoid)
+
+
+def load_box_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[BoxModel, dict[str, Any]]:
+    """The model of a box checkpoint (a .safetensors file or a run folder), in eval mode, with its metadata."""
+    path = resolve_checkpoint(path)
+    info = read_info(path)
+    if info.get("task") != "boxes":
+        raise VitkitError(f"{path} is not a box checkpoint (written by `vitkit train-boxes`): pass one")
+    model = BoxModel.from_spec(info["box_model"])
+    load_weights(model, load_file(str(path)), str(path))
+    return model.to(device).eval(), info
+
+
+def evaluate_box_model(model: BoxModel, info: dict[str, Any], data: BoxDataset, split: str, device: torch.device,
+                       batch_size: int = 256, bf16: bool = False, picture: Path | None = None, samples: int = 32
+                       ) -> dict[str, float]:
+    """The figures of `split` (prefixed), and with `picture` a grid of `samples` images spread over the split,
+    true and predicted boxes drawn."""
+    if data.classes != info["classes"]:
+        raise VitkitError(f"the data's classes {data.classes[:5]}... differ from the checkpoint's "
+                          f"{info['classes'][:5]}...: use the data set the model was trained on")
+    logits, pred = predict_boxes(model, data, info["mean"], info["std"], device, batch_size, bf16)
+    metrics = box_metrics(logits, pred, data.labels, data.boxes, info["loss_balance"], info["box_loss"],
+                          f"{split}_" if split else "")
+    if picture is not None and samples > 0:
+        shown = torch.linspace(0, len(data) - 1, min(samples, len(data))).round().long().unique()
+        plot_box_predictions(
+            data.images[shown], data.boxes[shown], pred[shown], data.labels[shown].tolist(),
+            logits[shown].argmax(1).tolist(), data.classes, picture, ious=box_iou(pred[shown], data.boxes[shown]).tolist(),
+        )
+    return metrics
+
+
+# -- the loop --------------------------------------------------------------------------------
+
+
+class BoxTrainer:
+    """Owns a run folder; `fit()` trains (or resumes) to the last epoch and writes the summary."""
+
+    def __init__(self, cfg: BoxTrainConfig, out_dir: str | Path, progress: bool = True):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.progress = progress
+        self.device = select_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.data = prepare_box_data(cfg)
+        if cfg.batch_size > len(self.data.train):
+            raise VitkitError(f"{len(self.data.train)} training images are fewer than one batch: lower --batch-size")
+        self.model = build_box_model(cfg, self.data.train).to(self.device)
+        self.loader = BoxLoader(
+            self.data.train, cfg.batch_size, mean=self.data.mean, std=self.data.std, device=self.device, shuffle=True,
+            drop_last=len(self.data.train) >= 2 * cfg.batch_size, augment=BoxAugment(cfg.augment_config()), seed=cfg.seed,
+        )
+        self.optimizer = build_optimizer(self.model, cfg, self.device)
+        # Per-step warmup (and cosine) from vitkit.train.optim; with `plateau` the per-step scheduler only warms up,
+        # then ReduceLROnPlateau owns the rate (stepping both would let the first undo the second's drops).
+        self.scheduler = build_scheduler(self.optimizer, len(self.loader), cfg)
+        self.warmup_steps = round(cfg.warmup_epochs * len(self.loader))
+        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, factor=cfg.plateau_factor, patience=cfg.plateau_patience,
+        ) if cfg.schedule == "plateau" else None
+        self.balance: float | None = None if cfg.loss_balance == "auto" else float(cfg.loss_balance)
+        self.epoch = 0  # epochs completed
+        self.best_score = (-1.0, -1.0)
+        self.best_epoch = 0
+        self.history: list[dict[str, Any]] = []
+
+    def model_info(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """What a checkpoint needs to be used on its own."""
+        spec = self.model.spec()
+        return {
+            "task": "boxes",
+            # Not "vit"/"resnet18": commands that need a plain classifier refuse this checkpoint by its arch.
+            "arch": f"box-{self.cfg.backbone}",
+            "box_model": spec,
+            "backbone": self.cfg.backbone,
+            "in_channels": self.data.train.channels,
+            "pretrained": self.cfg.pretrained,
+            "classes": self.data.train.classes,
+            "mean": list(self.data.mean),
+            "std": list(self.data.std),
+            "image_size": self.cfg.image_size,
+            "data": self.cfg.data,
+            "box_loss": self.cfg.box_loss,
+            "loss_balance": self.balance,
+            "epoch": self.epoch,
+            "metrics": metrics,
+        }
+
+    def save(self, metrics: dict[str, Any], is_best: bool) -> None:
+        # The state file goes first: the weights files are what users read, the state is what resume reads.
+        save_state(self.out / "state.pt", {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "plateau": self.plateau.state_dict() if self.plateau else None,
+            "rng": rng_state(self.device),
+            "balance": self.balance,
+            "best_score": torch.tensor(self.best_score, dtype=torch.float64),
+            "best_epoch": self.best_epoch,
+            "history": json.dumps(self.history),
+        })
+        info = self.model_info(metrics)
+        save_model(self.out / "last.safetensors", self.model.state_dict(), info)
+        if is_best:
+            save_model(self.out / "best.safetensors", self.model.state_dict(), info)
+        (self.out / "history.jsonl").write_text("".join(json.dumps(row) + "\n" for row in self.history))
+
+    def restore(self) -> None:
+        state = load_state(self.out / "state.pt")
+        load_weights(self.model, state["model"], str(self.out / "state.pt"))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.plateau:
+            self.plateau.load_state_dict(state["plateau"])
+        restore_rng_state(state["rng"], self.device)
+        self.balance = state["balance"]
+        self.epoch = state["epoch"]
+        self.best_score = tuple(state["best_score"].tolist())
+        self.best_epoch = state["best_epoch"]
+        self.history = json.loads(state["history"])
+
+    def train_epoch(self) -> dict[str, float]:
+        cfg, loader = self.cfg, self.loader
+        loader.set_epoch(self.epoch)
+        self.model.train()
+        # loss, ce, box loss, correct, IoU: summed on the device, no host synchronisation per step.
+        sums = torch.zeros(5, device=self.device)
+        seen = 0
+        start = time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not self.progress, leave=False)
+        for x, y, b in bar:
+            with autocast(self.device, cfg.bf16):
+                logits, pred = self.model(x)
+            loss, ce, bl = task_loss(logits, pred, y, b, self.balance, cfg.box_loss)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            if self.plateau is None or self.scheduler.last_epoch < self.warmup_steps:
+                self.scheduler.step()
+            with torch.no_grad():
+                n = len(x)
+                sums += torch.stack([loss * n, ce * n, bl * n, (logits.argmax(1) == y).sum(), box_iou(pred, b).sum()])
+            seen += len(x)
+        loss, ce, bl, correct, iou = (sums / seen).tolist()
+        elapsed = time.perf_counter() - start
+        if not torch.isfinite(torch.tensor(loss)):
+            raise VitkitError(
+                f"the training loss became {loss} in epoch {self.epoch + 1}: lower --lr or set --grad-clip 1.0, or "
+                f"resume from the last good epoch ({self.epoch}) with `vitkit train-boxes --resume {self.out}`"
+            )
+        return {"train_loss": loss, "train_ce": ce, "train_box_loss": bl, "train_accuracy": correct,
+                "train_iou_mean": iou, "lr": self.optimizer.param_groups[0]["lr"], "epoch_seconds": elapsed,
+                "images_per_second": seen / elapsed}
+
+    def evaluate(self, model: BoxModel, data: BoxDataset, split: str, picture: Path | None = None) -> dict[str, float]:
+        return evaluate_box_model(model, self.model_info({}), data, split, self.device, self.cfg.eval_batch_size,
+                                  self.cfg.bf16, picture)
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Trains to the last epoch (measuring the loss balance first where it is `auto`) and writes the summary."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.restore()
+        else:
+            write_json(self.out / "config.json", self.cfg.to_dict())
+        if self.balance is None:
+            self.balance = measure_loss_balance(self.model, self.loader, self.cfg.box_loss, self.cfg.balance_batches,
+                                                self.device, self.cfg.bf16)
+            if self.progress:
+                tqdm.write(f"loss balance C = {self.balance:.4g}: CE/C equals the {self.cfg.box_loss} box loss at the start")
+        started = time.perf_counter()
+        while self.epoch < self.cfg.epochs:
+            row = {"epoch": self.epoch + 1, **self.train_epoch()}
+            if self.data.val is not None:
+                keep = ("loss", "ce", "box_loss", "accuracy", "iou_mean", "iou50", "iou75", "iou90")
+                row.update({f"val_{k}": v for k, v in self.evaluate(self.model, self.data.val, "").items() if k in keep})
+            self.epoch += 1
+            self.history.append(row)
+            if self.plateau is not None and self.scheduler.last_epoch >= self.warmup_steps:
+                self.plateau.step(row.get("val_loss", row["train_loss"]))
+            # Best by validation accuracy then mean IoU (or the reverse, --select-by iou); without validation data
+            # the latest weights are the result.
+            score = (row.get("val_accuracy", 0.0), row.get("val_iou_mean", 0.0))
+            score = score[::-1] if self.cfg.select_by == "iou" else score
+            is_best = self.data.val is None or score > self.best_score
+            if is_best:
+                self.best_score, self.best_epoch = score, self.epoch
+            self.save({k: v for k, v in row.items() if k.startswith(("train_", "val_"))}, is_best)
+            if self.progress:
+                tqdm.write(f"epoch {self.epoch}/{self.cfg.epochs} " + " ".join(
+                    f"{k}={v:.4g}" for k, v in row.items() if k != "epoch" and not k.endswith(("_ce", "box_loss"))))
+        plot_learning_curves(self.history, self.out / "curves.png", metrics=("loss", "accuracy", "iou_mean"))
+        return self.finish(time.perf_counter() - started)
+
+    def finish(self, seconds: float) -> dict[str, Any]:
+        """Evaluates the best checkpoint on the validation and test data and writes summary.json and boxes.png."""
+        model, _ = load_box_model(self.out / "best.safetensors", self.device)
+        cfg = self.cfg
+        summary: dict[str, Any] = {
+            "task": "boxes",
+            "data": cfg.data,
+            "backbone": cfg.backbone,
+            "model": cfg.pretrained or (cfg.model if cfg.backbone == "vit" else "resnet18"),
+            "parameters": num_parameters(model),
+            "trainable_parameters": num_parameters(self.model, trainable_only=True),
+            "image_size": cfg.image_size,
+            "box_loss": cfg.box_loss,
+            "loss_balance": self.balance,
+            "device": str(self.device),
+            "epochs": cfg.epochs,
+            "best_epoch": self.best_epoch,
+            "train_seconds_this_session": round(seconds, 2),
+            "train_images_per_second": self.history[-1]["images_per_second"],
+        }
+        for split, data in (("val", self.data.val), ("test", self.data.test)):
+            if data is not None:
+                picture = self.out / "boxes.png" if split == "test" or self.data.test is None else None
+                summary.update(self.evaluate(model, data, split, picture))
+                summary[f"{split}_images"] = len(data)
+        summary["skipped_images_without_box"] = self.data.train.skipped + sum(
+            d.skipped for d in (self.data.val, self.data.test) if d is not None)
+        summary["iou_measured_on"] = IOU_NOTE
+        summary["checkpoint"] = str(self.out / "best.safetensors")
+        write_json(self.out / "summary.json", summary)
+        return summary
+
+
+def train_boxes(cfg: BoxTrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Trains `cfg` into `out_dir` (or resumes the run there) and returns the summary."""
+    return BoxTrainer(cfg, out_dir, progress).fit(resume)

@@ -1,0 +1,74 @@
+"""`vitkit train-boxes` and `vitkit eval` on a box checkpoint, as a user meets them."""
+
+import json
+
+import pytest
+from PIL import Image
+from synthetic_boxes import write_yolo
+
+from vitkit.cli.main import main
+
+TINY = ["--image-size", "32", "--patch-size", "4", "--dim", "32", "--depth", "2", "--heads", "2", "--mlp-dim", "64",
+        "--hidden", "32", "--batch-size", "32", "--device", "cpu", "--quiet"]
+
+
+def test_train_boxes_has_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train-boxes", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "--config" in out and "--loss-balance" in out and "--resume" in out
+
+
+@pytest.fixture(scope="module")
+def box_run(tmp_path_factory):
+    data = write_yolo(tmp_path_factory.mktemp("data") / "squares", {"train": 64, "valid": 32, "test": 32})
+    out = tmp_path_factory.mktemp("run")
+    config = out / "options.yaml"
+    config.write_text("epochs: 5\nbox-loss: giou\nloss-balance: 2\n")
+    # The flag overrides the file: 2 epochs, not 5.
+    assert main(["train-boxes", "--config", str(config), "--data", str(data), *TINY, "--epochs", "2",
+                 "--out", str(out)]) == 0
+    return data, out
+
+
+def test_train_boxes_merges_config_file_and_flags(box_run):
+    _, out = box_run
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["epochs"] == 2 and saved["box_loss"] == "giou" and saved["loss_balance"] == "2"
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"test_accuracy", "test_iou_mean", "test_iou50", "test_iou75", "test_iou90", "val_iou90"} <= set(summary)
+
+
+def test_eval_of_a_box_checkpoint_writes_figures_and_the_box_picture(box_run, tmp_path):
+    _, out = box_run
+    assert main(["eval", str(out), "--device", "cpu", "--samples", "8", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["images"] == 32 and 0 <= summary["test_iou50"] <= 1
+    assert summary["test_accuracy"] == json.loads((out / "summary.json").read_text())["test_accuracy"]
+    assert Image.open(tmp_path / "boxes.png").size[0] > 100
+
+
+def test_resume_of_a_finished_box_run_keeps_its_weights(box_run):
+    _, out = box_run
+    before = (out / "last.safetensors").read_bytes()
+    assert main(["train-boxes", "--resume", str(out), "--quiet"]) == 0
+    assert (out / "last.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("problem", ["missing data", "bad label", "changed option", "classifier command"])
+def test_user_errors_are_one_line(box_run, tmp_path, capsys, problem):
+    data, out = box_run
+    if problem == "missing data":
+        args = ["train-boxes", "--data", str(tmp_path / "nope"), *TINY]
+    elif problem == "bad label":
+        bad = write_yolo(tmp_path / "bad", {"train": 4})
+        (bad / "train" / "labels" / "0001.txt").write_text("9 0.5 0.5 0.1 0.1\n")
+        args = ["train-boxes", "--data", str(bad), *TINY]
+    elif problem == "changed option":
+        args = ["train-boxes", "--resume", str(out), "--lr", "0.5"]
+    else:
+        args = ["explain", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vitkit: error:") and "\n" not in err

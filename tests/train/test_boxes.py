@@ -1,0 +1,155 @@
+"""Box training end to end on a synthetic task: it learns, resumes exactly, balances its losses, and its
+checkpoints load on their own."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.ops as ops
+from safetensors.torch import load_file
+from synthetic_boxes import write_yolo
+
+from vitkit.data.boxes import box_iou, cxcywh_to_xyxy, load_box_dataset
+from vitkit.errors import VitkitError
+from vitkit.train.boxes import (
+    SMOOTH_L1_BETA, BoxTrainConfig, BoxTrainer, box_loss, load_box_model, measure_loss_balance, predict_boxes,
+    task_loss, train_boxes,
+)
+
+TINY_VIT = dict(image_size=32, patch_size=4, dim=32, depth=2, heads=2, mlp_dim=64, hidden=64, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def squares(tmp_path_factory):
+    """The square task: a coloured square on noise, class = colour; 512 training images of 32×32."""
+    return write_yolo(tmp_path_factory.mktemp("data") / "squares", {"train": 512, "valid": 64, "test": 128})
+
+
+@pytest.fixture(scope="module")
+def small_squares(tmp_path_factory):
+    return write_yolo(tmp_path_factory.mktemp("data") / "small", {"train": 96, "valid": 32})
+
+
+@pytest.fixture(scope="module")
+def learned(squares, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = BoxTrainConfig(data=str(squares), **TINY_VIT, head_dropout=0.0, epochs=20, batch_size=16, lr=2e-3)
+    return out, train_boxes(cfg, out, progress=False)
+
+
+def test_a_short_run_learns_classes_and_boxes(squares, learned):
+    out, summary = learned
+    test = load_box_dataset(str(squares), "test", 32)
+    # Chance: the most frequent class, and the mean training box for every image.
+    train = load_box_dataset(str(squares), "train", 32)
+    chance_accuracy = torch.bincount(test.labels).max().item() / len(test)
+    chance_iou50 = (box_iou(train.boxes.mean(0).expand_as(test.boxes), test.boxes) >= 0.5).float().mean().item()
+    assert summary["test_accuracy"] > 0.9 > chance_accuracy + 0.4
+    assert summary["test_iou50"] > chance_iou50 + 0.25, (summary["test_iou50"], chance_iou50)
+    assert summary["test_iou50"] >= summary["test_iou75"] >= summary["test_iou90"]
+    for name in ("best.safetensors", "last.safetensors", "state.pt", "history.jsonl", "curves.png", "boxes.png",
+                 "summary.json", "config.json"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert len(rows) == 20 and {"val_accuracy", "val_iou_mean", "val_iou90", "train_iou_mean"} <= set(rows[0])
+
+
+def test_the_checkpoint_reloads_on_its_own(squares, learned):
+    out, summary = learned
+    model, info = load_box_model(out)
+    assert info["task"] == "boxes" and info["classes"] == ["red", "green", "blue"] and info["image_size"] == 32
+    test = load_box_dataset(str(squares), "test", 32)
+    logits, boxes = predict_boxes(model, test, info["mean"], info["std"], torch.device("cpu"))
+    assert (logits.argmax(1) == test.labels).float().mean().item() == pytest.approx(summary["test_accuracy"])
+    assert box_iou(boxes, test.boxes).mean().item() == pytest.approx(summary["test_iou_mean"], abs=1e-6)
+
+
+def resume_config(data, **overrides) -> BoxTrainConfig:
+    # Head dropout and every augmentation draw random numbers; plateau adds a scheduler state to restore.
+    base = dict(data=str(data), **TINY_VIT, epochs=3, batch_size=32, lr=2e-3, warmup_epochs=1, head_dropout=0.2,
+                crop_scale=[0.5, 1.2], hflip=0.5, brightness=0.2, contrast=0.2, schedule="plateau", plateau_patience=0,
+                select_by="iou")
+    return BoxTrainConfig(**{**base, **overrides})
+
+
+def test_a_resumed_run_ends_with_the_same_weights(small_squares, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    train_boxes(resume_config(small_squares), straight, progress=False)
+
+    stopped = tmp_path / "stopped"
+    calls = {"n": 0}
+    original = BoxTrainer.train_epoch
+
+    def stop_in_second_epoch(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(BoxTrainer, "train_epoch", stop_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_boxes(resume_config(small_squares), stopped, progress=False)
+    monkeypatch.setattr(BoxTrainer, "train_epoch", original)
+    train_boxes(resume_config(small_squares), stopped, resume=True, progress=False)
+
+    a, b = load_file(str(straight / "last.safetensors")), load_file(str(stopped / "last.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def figures(run):  # the history without its timings
+        rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("epoch_seconds", "images_per_second")} for r in rows]
+
+    assert figures(straight) == figures(stopped) and len(figures(straight)) == 3
+
+
+@pytest.mark.parametrize("kind", ["mse", "giou"])
+def test_auto_balance_starts_both_terms_equal(small_squares, tmp_path, kind):
+    trainer = BoxTrainer(resume_config(small_squares, box_loss=kind, head_dropout=0.0), tmp_path)
+    balance = measure_loss_balance(trainer.model, trainer.loader, kind, 2, trainer.device)
+    trainer.model.eval()
+    trainer.loader.set_epoch(0)
+    terms = torch.zeros(2)
+    with torch.no_grad():
+        for _, (x, y, b) in zip(range(2), trainer.loader):
+            _, ce, bl = task_loss(*trainer.model(x), y, b, balance, kind)
+            terms += torch.stack([ce / balance, bl])
+    assert terms[0].item() == pytest.approx(terms[1].item(), rel=1e-5)
+    assert balance > 1  # the cross-entropy of 3 classes (about 1.1) is larger than either box loss at the start
+
+
+def test_box_losses():
+    g = torch.Generator().manual_seed(0)
+    pred, true = torch.rand(16, 4, generator=g) * 0.5 + 0.25, torch.rand(16, 4, generator=g) * 0.5 + 0.25
+    assert box_loss(pred, true, "mse") == pytest.approx(F.mse_loss(pred, true).item())
+    assert box_loss(pred, true, "smooth_l1") == pytest.approx(F.smooth_l1_loss(pred, true, beta=SMOOTH_L1_BETA).item())
+    reference = 1 - ops.generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(true)).diagonal().mean()
+    assert box_loss(pred, true, "giou") == pytest.approx(reference.item(), rel=1e-5)
+    assert box_loss(true, true, "giou").item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(VitkitError, match="unknown box loss"):
+        box_loss(pred, true, "l3")
+
+
+def test_a_resnet18_backbone_trains_and_reloads(small_squares, tmp_path):
+    cfg = BoxTrainConfig(data=str(small_squares), backbone="resnet18", image_size=32, device="cpu", epochs=1,
+                         batch_size=32, loss_balance="5", box_loss="smooth_l1")
+    summary = train_boxes(cfg, tmp_path, progress=False)
+    assert summary["loss_balance"] == 5.0 and 0 <= summary["val_iou_mean"] <= 1
+    model, info = load_box_model(tmp_path)
+    assert info["box_model"]["backbone"] == "resnet18" and info["arch"] == "box-resnet18"
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(freeze_blocks=6), "--freeze-blocks keeps pre-trained ViT blocks fixed"),
+    (dict(backbone="resnet18", dim=64), "--dim shape a ViT trained from scratch"),
+    (dict(box_loss="l1"), "unknown box loss"),
+    (dict(loss_balance="-1"), "neither auto nor a positive number"),
+    (dict(schedule="step"), "unknown schedule"),
+    (dict(crop_scale=[0.9, 0.1]), "crop scale"),
+    (dict(select_by="loss"), "unknown --select-by"),
+])
+def test_bad_options_are_user_errors(options, message):
+    with pytest.raises(VitkitError, match=message):
+        BoxTrainConfig(data="x", **options)
+    with pytest.raises(VitkitError, match="--data is required"):
+        BoxTrainConfig()
