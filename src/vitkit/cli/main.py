@@ -17,6 +17,7 @@ from vitkit.errors import VitkitError
 from vitkit.train.config import RECIPES, config_fields, read_config_file
 
 DEFAULT_DEMO_OUT = "runs/demo"
+DISTRIBUTED_COMMANDS = ("train", "eval", "certify")  # the ones that share their work among torchrun's processes
 
 
 # -- value parsers ---------------------------------------------------------------------------
@@ -95,12 +96,14 @@ def config_from_flags(args: argparse.Namespace, config_class: type, new: Callabl
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from vitkit import distributed
     from vitkit.train import TrainConfig, build_config, train
 
     cfg, out = config_from_flags(args, TrainConfig, lambda flags: build_config(args.recipe, None, flags))
     out = out or Path(args.out or f"runs/{Path(cfg.data).name.split('.')[0]}-{cfg.model}")
     summary = train(cfg, out, resume=bool(args.resume), progress=not args.quiet)
-    print_summary(summary, out)
+    if distributed.is_main():
+        print_summary(summary, out)
     return 0
 
 
@@ -174,6 +177,7 @@ def seeded_sample(data, n: int, seed: int):
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from vitkit import distributed
     from vitkit.plots import confusion_matrix, plot_confusion_matrix, plot_prediction_grid
     from vitkit.train import select_device
     from vitkit.train.checkpoint import write_json
@@ -182,11 +186,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from vitkit.train import read_info
 
     if read_info(args.checkpoint).get("task") == "boxes":
+        if distributed.launched():
+            raise VitkitError("`vitkit eval` of a box checkpoint runs in one process: launch it without torchrun")
         return cmd_eval_boxes(args)
-    device = select_device(args.device)
+    device = distributed.setup(select_device(args.device))
     model, info, data = load_checkpoint_and_data(args, device)
     source = args.data or info["data"]
     logits, labels = predict_dataset(model, data, info["mean"], info["std"], device, args.batch_size)
+    if not distributed.is_main():  # rank 0 has every image's logits and writes the report
+        return 0
     metrics = classification_metrics(logits, labels, data.classes, prefix=f"{args.split}_")
     out = Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + f"-eval-{args.split}")
     out.mkdir(parents=True, exist_ok=True)
@@ -340,6 +348,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
     import torch
 
+    from vitkit import distributed
     from vitkit.plots import plot_certified_accuracy
     from vitkit.smoothing import (
         Ablation, SmoothedClassifier, Votes, certification_report, collect_votes, largest_certified_patch,
@@ -358,7 +367,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     if args.votes:
         votes = Votes.load(args.votes)
     else:
-        device = select_device(args.device)
+        device = distributed.setup(select_device(args.device))
         model, info, data = load_checkpoint_and_data(args, device)
         trained = info.get("ablation") or {}
         ablation = Ablation(
@@ -376,12 +385,15 @@ def cmd_certify(args: argparse.Namespace) -> int:
             drop_tokens=not args.no_token_dropping, max_batch=args.max_batch,
         )
         start = time.perf_counter()
-        votes = collect_votes(smoothed, data, device, args.batch_size, progress=not args.quiet, bf16=args.bf16,
+        progress = not args.quiet and distributed.is_main()
+        votes = collect_votes(smoothed, data, device, args.batch_size, progress=progress, bf16=args.bf16,
                               info={"checkpoint": str(args.checkpoint), "data": args.data or info["data"],
                                     "split": args.split})
         seconds = time.perf_counter() - start
+        if not distributed.is_main():  # rank 0 has every image's votes, and attacks and writes the report
+            return 0
         summary.update(seconds=round(seconds, 2), images_per_second=len(data) / seconds, device=str(device),
-                       token_dropping=smoothed.patch_size is not None)
+                       processes=distributed.world()[1], token_dropping=smoothed.patch_size is not None)
         votes.save(out / "votes.safetensors")
     side = min(votes.ablation.image_size)
     if not 1 <= args.patch_size <= side:
@@ -657,7 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data source (default: the one the model was trained on)")
     p.add_argument("--data-root", help="where CIFAR archives live")
     p.add_argument("--split", default="test")
-    p.add_argument("--n", type=int, default=0, help="certify a seeded random sample of N images (default: all)")
+    p.add_argument("--n", "--num-images", dest="n", type=int, default=0,
+                   help="certify a seeded random sample of N images (default: all; under torchrun write --num-images, "
+                        "as torchrun reads --n as an abbreviation of its own options)")
     p.add_argument("--batch-size", type=int, default=256, help="images per step")
     p.add_argument("--max-batch", type=int, default=4096, help="ablated images per forward")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA (faster; votes of near-ties may differ)")
@@ -726,7 +740,14 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 0
-        return args.func(args)
+        from vitkit import distributed
+
+        if distributed.launched() and args.command not in DISTRIBUTED_COMMANDS:
+            raise VitkitError(f"`vitkit {args.command}` runs in one process: launch it without torchrun "
+                              f"(torchrun runs {', '.join(DISTRIBUTED_COMMANDS)})")
+        status = args.func(args)
+        distributed.shutdown()  # not after an error: the other ranks may be inside a collective
+        return status
     except VitkitError as e:
         print(f"vitkit: error: {e}", file=sys.stderr)
         return 2

@@ -71,8 +71,8 @@ class ImageDataset:
     def image_size(self) -> tuple[int, int]:
         return (self.images.shape[2], self.images.shape[3])
 
-    def subset(self, index: Tensor) -> ImageDataset:
-        """The images at `index` (indices or a boolean mask), as a new data set with the same classes."""
+    def subset(self, index: Tensor | slice) -> ImageDataset:
+        """The images at `index` (indices, a boolean mask or a slice), as a new data set with the same classes."""
         return ImageDataset(self.images[index].contiguous(), self.labels[index], self.classes, self.name)
 
 

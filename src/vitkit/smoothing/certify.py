@@ -133,18 +133,20 @@ def collect_votes(
     """Votes of `smoothed` on every image of `data`, plus the base model's clean prediction.
     `bf16`: bfloat16 autocast on CUDA (ignored elsewhere). A certificate holds for the votes of the
     computation that produced them: bf16, like any change of kernels, can flip an ablation whose top
-    two logits nearly tie."""
+    two logits nearly tie. Under torchrun every rank certifies its share and gets all the votes."""
+    from vitkit import distributed
     from vitkit.train.evaluate import autocast
 
     if batch_size < 1:
         raise VitkitError(f"batch size {batch_size} is not positive: pass e.g. --batch-size 256")
     counts, base = [], []
+    part = data.subset(distributed.shard(len(data)))
     was_training = smoothed.base.training
     smoothed.base.eval()
     try:
-        with tqdm(total=len(data), desc="certify", unit="img", disable=not progress, leave=False) as bar:
-            for start in range(0, len(data), batch_size):
-                x = data.images[start : start + batch_size].to(device).float().div_(255)
+        with tqdm(total=len(part), desc="certify", unit="img", disable=not progress, leave=False) as bar:
+            for start in range(0, len(part), batch_size):
+                x = part.images[start : start + batch_size].to(device).float().div_(255)
                 with autocast(device, bf16):
                     counts.append(smoothed.votes(x).cpu())
                     base.append(smoothed.clean_logits(x).argmax(1).cpu())
@@ -152,7 +154,8 @@ def collect_votes(
     finally:
         smoothed.base.train(was_training)
     threshold = smoothed.threshold if smoothed.rule == "threshold" else None
-    return Votes(torch.cat(counts), data.labels.clone(), torch.cat(base), smoothed.ablation,
+    counts, base = distributed.gather_cat(torch.cat(counts)), distributed.gather_cat(torch.cat(base))
+    return Votes(counts, data.labels.clone(), base, smoothed.ablation,
                  {"classes": list(data.classes), "rule": smoothed.rule, "threshold": threshold, **(info or {})})
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitkit import distributed
 from vitkit.data import DeviceLoader, ImageDataset
 
 
@@ -49,9 +50,12 @@ def predict_dataset(
     model: nn.Module, dataset: ImageDataset, mean: Sequence[float], std: Sequence[float],
     device: torch.device, batch_size: int = 512, bf16: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Logits and labels of every image of `dataset`, unaugmented, in order."""
-    loader = DeviceLoader(dataset, batch_size, mean=mean, std=std, device=device)
-    return predict_logits(model, loader, device, bf16)
+    """Logits and labels of every image of `dataset`, unaugmented, in order. Under torchrun every rank
+    predicts its share and gets the whole result (so every rank must call it)."""
+    part = dataset.subset(distributed.shard(len(dataset)))  # a slice: a view, no copy
+    loader = DeviceLoader(part, batch_size, mean=mean, std=std, device=device)
+    logits, labels = predict_logits(model, loader, device, bf16)
+    return distributed.gather_cat(logits), distributed.gather_cat(labels)
 
 
 def classification_metrics(logits: Tensor, labels: Tensor, classes: Sequence[str], prefix: str = "") -> dict[str, float]:

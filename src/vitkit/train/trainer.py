@@ -8,6 +8,11 @@ A run folder holds:
     history.jsonl      one line of figures per epoch
     curves.png         loss and accuracy per epoch
     summary.json       final figures (test_accuracy, ...) once training has finished
+
+Under torchrun the ranks train one model with DistributedDataParallel: --batch-size is the global batch, dealt
+out evenly to the ranks, whose gradients are averaged, so N ranks take the steps one process would (up to float
+rounding, and with per-rank augmentation draws). Validation and test images are sharded across the ranks. Rank 0
+alone writes the run folder; its files are those of a single process, so any number of ranks can resume them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from vitkit import distributed
 from vitkit.attacks import ATTACKS, Adversary, Trades
 from vitkit.data import Augment, AugmentConfig, DeviceLoader, ImageDataset, channel_stats, load_dataset, train_val_split
 from vitkit.errors import VitkitError
@@ -152,9 +158,13 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, progress: bool = True):
         self.cfg = cfg
         self.out = Path(out_dir)
-        self.progress = progress
-        self.device = select_device(cfg.device)
-        torch.manual_seed(cfg.seed)
+        self.progress = progress and distributed.is_main()
+        self.device = distributed.setup(select_device(cfg.device))
+        rank, world_size = distributed.world()
+        if cfg.batch_size % world_size:
+            raise VitkitError(f"--batch-size {cfg.batch_size} is the global batch and does not divide evenly among "
+                              f"{world_size} processes: pass a multiple of {world_size}")
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
 
         # ImageFolder sources are resized to the preset's size (the pre-trained weights') unless told otherwise; for a
         # ResNet, which takes any size, they keep their own.
@@ -165,7 +175,15 @@ class Trainer:
             image_size = (read_pretrained(cfg.pretrained)[1] if cfg.pretrained else preset_config(cfg.model)).image_size
         self.data = prepare_data(cfg, image_size)
         self.model = build_model(cfg, self.data.train).to(self.device)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        # self.model stays the bare module (checkpoints, EMA, evaluation, attacks); training steps go through
+        # self.forward, DDP-wrapped under torchrun so that gradients are averaged across ranks. torch compiles
+        # the DDP module (its DDPOptimizer splits the graph at the gradient buckets).
+        net = self.model
+        if world_size > 1:
+            net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            )
+        self.forward = torch.compile(net) if cfg.compile else net
         self.ablation = (
             Ablation(cfg.ablation, cfg.ablation_size, self.data.train.image_size, cfg.ablation_stride)
             if cfg.ablation else None
@@ -184,9 +202,10 @@ class Trainer:
         self.distiller = self.build_distiller() if cfg.distill else None
 
         self.train_loader = DeviceLoader(
-            self.data.train, cfg.batch_size, mean=self.data.mean, std=self.data.std, device=self.device,
+            self.data.train, cfg.batch_size // world_size, mean=self.data.mean, std=self.data.std, device=self.device,
             shuffle=True, drop_last=len(self.data.train) >= 2 * cfg.batch_size,
             augment=Augment(augment_config(cfg), self.data.train.num_classes), seed=cfg.seed,
+            rank=rank, world_size=world_size,
         )
         if cfg.batch_size > len(self.data.train):
             raise VitkitError(f"{len(self.data.train)} training images are fewer than one batch: lower --batch-size")
@@ -228,6 +247,12 @@ class Trainer:
         return self.ema.shadow if self.ema else self.model.state_dict()
 
     def save(self, metrics: dict[str, Any], is_best: bool) -> None:
+        """Rank 0 writes the checkpoints; the other ranks wait until they are complete."""
+        if distributed.is_main():
+            self.write_checkpoints(metrics, is_best)
+        distributed.barrier()
+
+    def write_checkpoints(self, metrics: dict[str, Any], is_best: bool) -> None:
         # The state file goes first: the weights files are what users read, the state is what resume reads.
         save_state(self.out / "state.pt", {
             "epoch": self.epoch,
@@ -297,7 +322,10 @@ class Trainer:
             seen += len(x)
             if step % refresh == 0 and self.progress:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-        train_loss = (loss_sum / seen).item()
+        # Summed over the ranks in one collective: the figures of the global batches.
+        totals = torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=self.device)])
+        loss_sum, correct, seen = distributed.all_reduce_sum(totals).tolist()
+        train_loss = loss_sum / seen
         elapsed = time.perf_counter() - start
         if not torch.isfinite(torch.tensor(train_loss)):
             raise VitkitError(
@@ -306,7 +334,7 @@ class Trainer:
             )
         return {
             "train_loss": train_loss,
-            "train_accuracy": (correct / seen).item(),
+            "train_accuracy": correct / seen,
             "lr": self.optimizer.param_groups[0]["lr"],
             "epoch_seconds": elapsed,
             "images_per_second": seen / elapsed,
@@ -342,8 +370,8 @@ class Trainer:
         it to measure test accuracy along the way, outside the timed training)."""
         self.out.mkdir(parents=True, exist_ok=True)
         if resume:
-            self.restore()
-        else:
+            self.restore()  # every rank reads rank 0's state: under DDP the optimiser states are the same
+        elif distributed.is_main():
             write_json(self.out / "config.json", self.cfg.to_dict())
         started = time.perf_counter()
         while self.epoch < self.cfg.epochs:
@@ -362,7 +390,8 @@ class Trainer:
                 tqdm.write(f"epoch {self.epoch}/{self.cfg.epochs} {shown}")
             if on_epoch is not None:
                 on_epoch(self, row)
-        plot_learning_curves(self.history, self.out / "curves.png")
+        if distributed.is_main():
+            plot_learning_curves(self.history, self.out / "curves.png")
         return self.finish(time.perf_counter() - started)
 
     def finish(self, seconds: float) -> dict[str, Any]:
@@ -373,6 +402,7 @@ class Trainer:
             "model": self.cfg.pretrained or self.cfg.model,  # the preset gives no shape to pre-trained weights
             "parameters": num_parameters(model),
             "device": str(self.device),
+            "processes": distributed.world()[1],
             "epochs": self.cfg.epochs,
             "best_epoch": self.best_epoch,
             "train_seconds_this_session": round(seconds, 2),
@@ -392,7 +422,8 @@ class Trainer:
                 "`vitkit certify` gives the smoothed and certified accuracy"
             )
         summary["checkpoint"] = str(self.out / "best.safetensors")
-        write_json(self.out / "summary.json", summary)
+        if distributed.is_main():
+            write_json(self.out / "summary.json", summary)
         return summary
 
 
