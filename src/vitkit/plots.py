@@ -117,6 +117,23 @@ def plot_confusion_matrix(
     _save(fig, path)
 
 
+def _pixels(images: Tensor) -> np.ndarray:
+    """A non-empty (N, C, H, W) batch, uint8 or float in [0, 1], C = 1 or 3, as floats (N, H, W, C) in [0, 1]."""
+    images = torch.as_tensor(images).detach().cpu()
+    if images.ndim != 4 or images.shape[1] not in (1, 3) or images.shape[0] == 0:
+        raise VitkitError(f"expected a non-empty batch of images (N, 1 or 3, H, W), got {tuple(images.shape)}")
+    pixels = images.float() / 255 if images.dtype == torch.uint8 else images.float().clamp(0, 1)
+    return pixels.permute(0, 2, 3, 1).numpy()
+
+
+def _grid(n: int, ncols: int, cell: tuple[float, float]) -> tuple[Figure, np.ndarray]:
+    """A figure with at least n axes, at most `ncols` a row, each `cell` inches (width, height)."""
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    fig = Figure(figsize=(cell[0] * ncols, cell[1] * nrows))
+    return fig, fig.subplots(nrows, ncols, squeeze=False).ravel()
+
+
 def plot_prediction_grid(
     images: Tensor,
     true: Sequence[int],
@@ -131,23 +148,14 @@ def plot_prediction_grid(
     images: (N, C, H, W), uint8 or float in [0, 1], with C = 1 (shown in grey) or 3.
     probs: the probability of each predicted class, shown as a percentage when given.
     """
-    images = torch.as_tensor(images).detach().cpu()
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise VitkitError(f"expected images of shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
-    n = images.shape[0]
-    if n == 0:
-        raise VitkitError("no images to plot: pass at least one image")
+    pixels = _pixels(images)
+    n = len(pixels)
     if len(true) != n or len(pred) != n or (probs is not None and len(probs) != n):
         raise VitkitError(f"{n} images need as many true labels, predictions and probabilities")
     labels = [int(label) for label in (*true, *pred)]
     if min(labels) < 0 or max(labels) >= len(classes):
         raise VitkitError(f"labels range over {min(labels)}..{max(labels)} but there are {len(classes)} class names")
-    pixels = images.float() / 255 if images.dtype == torch.uint8 else images.float().clamp(0, 1)
-    pixels = pixels.permute(0, 2, 3, 1).numpy()
-    ncols = max(1, min(ncols, n))
-    nrows = -(-n // ncols)
-    fig = Figure(figsize=(1.6 * ncols, 1.8 * nrows))
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    fig, axes = _grid(n, ncols, (1.6, 1.8))
     for i, ax in enumerate(axes):
         ax.axis("off")
         if i >= n:
@@ -180,20 +188,13 @@ def plot_box_predictions(
     """
     from matplotlib.patches import Rectangle
 
-    images = torch.as_tensor(images).detach().cpu()
-    n = images.shape[0]
-    if images.ndim != 4 or images.shape[1] not in (1, 3) or n == 0:
-        raise VitkitError(f"expected a non-empty batch of images (N, 1 or 3, H, W), got {tuple(images.shape)}")
+    pixels = _pixels(images)
+    pixels = np.repeat(pixels, 3 // pixels.shape[-1], axis=-1)  # grey images shown in colour, under coloured boxes
+    n, H, W = pixels.shape[:3]
     if len(true_boxes) != n or len(pred_boxes) != n or len(true) != n or len(pred) != n:
         raise VitkitError(f"{n} images need as many true and predicted boxes and labels")
-    pixels = images.float() / 255 if images.dtype == torch.uint8 else images.float().clamp(0, 1)
-    pixels = pixels.permute(0, 2, 3, 1).expand(-1, -1, -1, 3).numpy()
-    H, W = pixels.shape[1:3]
-    ncols = max(1, min(ncols, n))
-    nrows = -(-n // ncols)
-    fig = Figure(figsize=(1.8 * ncols, 2.0 * nrows))
+    fig, axes = _grid(n, ncols, (1.8, 2.0))
     fig.suptitle("true box: blue, predicted box: orange; title: predicted / true class", fontsize=9)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for i, ax in enumerate(axes):
         ax.axis("off")
         if i >= n:

@@ -35,6 +35,7 @@ from vitkit.errors import VitkitError
 from vitkit.models.box_head import BACKBONES, RESNET18_FEATURES, BoxModel, resnet18_backbone, vit_backbone
 from vitkit.models.vit import num_parameters
 from vitkit.plots import plot_box_predictions, plot_learning_curves
+from vitkit.train.config import option
 from vitkit.train.checkpoint import (
     load_state, load_weights, read_info, resolve_checkpoint, restore_rng_state, rng_state, save_model, save_state,
     write_json,
@@ -52,67 +53,63 @@ IOU_THRESHOLDS = (0.5, 0.75, 0.9)
 IOU_NOTE = "IoU of each image's predicted box with its true box, on every image, whatever the predicted class"
 
 
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class BoxTrainConfig:
     """Everything a box-training run depends on; saved as config.json in the run folder."""
 
     # data
-    data: str | None = _opt(None, "a YOLO folder (data.yaml, {train,valid,test}/{images,labels}), a .tar.gz of one, "
+    data: str | None = option(None, "a YOLO folder (data.yaml, {train,valid,test}/{images,labels}), a .tar.gz of one, "
                                   "or a CSV (path,label,x_min,y_min,x_max,y_max[,split], pixels)")
-    image_size: int = _opt(224, "images are resized to this square size (boxes are fractions: they do not move)")
-    val_fraction: float = _opt(0.1, "share of the training images held out for validation when the data has no "
+    image_size: int = option(224, "images are resized to this square size (boxes are fractions: they do not move)")
+    val_fraction: float = option(0.1, "share of the training images held out for validation when the data has no "
                                     "val/valid split")
     # model
-    backbone: str = _opt("vit", "vit or resnet18")
-    model: str = _opt("vit_tiny", "ViT preset when no --pretrained weights are given")
-    pretrained: str | None = _opt(None, "vit: timm/HF weights, a file or a hub name (e.g. "
+    backbone: str = option("vit", "vit or resnet18")
+    model: str = option("vit_tiny", "ViT preset when no --pretrained weights are given")
+    pretrained: str | None = option(None, "vit: timm/HF weights, a file or a hub name (e.g. "
                                         "deit_tiny_patch16_224.fb_in1k); resnet18: a local torchvision state dict")
-    patch_size: int | None = _opt(None, "vit: patch size (the pre-trained projection is resampled to it)")
-    dim: int | None = _opt(None, "vit from scratch: override the preset's width")
-    depth: int | None = _opt(None, "vit from scratch: override the preset's number of blocks")
-    heads: int | None = _opt(None, "vit from scratch: override the preset's attention heads")
-    mlp_dim: int | None = _opt(None, "vit from scratch: override the preset's MLP width")
-    freeze_blocks: int = _opt(0, "vit with --pretrained: freeze the embeddings and the first N blocks (seed 001: 6)")
-    cifar_stem: bool = _opt(False, "resnet18: 3x3 stride-1 stem without max-pool, for images of about 32 pixels")
-    hidden: int = _opt(512, "hidden width of the classifier and box-regressor MLPs")
-    head_dropout: float = _opt(0.2, "dropout in the two head MLPs")
-    sigmoid: bool = _opt(True, "sigmoid on the box regressor's output, so boxes stay in [0, 1]")
-    normalize: str = _opt("auto", "pixel normalisation: imagenet, dataset (training-set statistics), or auto "
+    patch_size: int | None = option(None, "vit: patch size (the pre-trained projection is resampled to it)")
+    dim: int | None = option(None, "vit from scratch: override the preset's width")
+    depth: int | None = option(None, "vit from scratch: override the preset's number of blocks")
+    heads: int | None = option(None, "vit from scratch: override the preset's attention heads")
+    mlp_dim: int | None = option(None, "vit from scratch: override the preset's MLP width")
+    freeze_blocks: int = option(0, "vit with --pretrained: freeze the embeddings and the first N blocks (seed 001: 6)")
+    cifar_stem: bool = option(False, "resnet18: 3x3 stride-1 stem without max-pool, for images of about 32 pixels")
+    hidden: int = option(512, "hidden width of the classifier and box-regressor MLPs")
+    head_dropout: float = option(0.2, "dropout in the two head MLPs")
+    sigmoid: bool = option(True, "sigmoid on the box regressor's output, so boxes stay in [0, 1]")
+    normalize: str = option("auto", "pixel normalisation: imagenet, dataset (training-set statistics), or auto "
                                   "(imagenet with --pretrained weights, which were trained with it; else dataset)")
     # loss
-    box_loss: str = _opt("mse", "box loss: mse (seed 001), smooth_l1 or giou")
-    loss_balance: str = _opt("auto", "C in CE/C + box loss: a number, or auto (both terms equal at the start)")
-    balance_batches: int = _opt(4, "training batches measured for --loss-balance auto")
+    box_loss: str = option("mse", "box loss: mse (seed 001), smooth_l1 or giou")
+    loss_balance: str = option("auto", "C in CE/C + box loss: a number, or auto (both terms equal at the start)")
+    balance_batches: int = option(4, "training batches measured for --loss-balance auto")
     # optimisation
-    epochs: int = _opt(25, "training epochs")
-    batch_size: int = _opt(32, "batch size")
-    optimizer: str = _opt("adamw", "adamw or sgd")
-    lr: float = _opt(1e-4, "peak learning rate")
-    weight_decay: float = _opt(0.0, "weight decay of matrices (0 with adamw: Adam, as seed 001)")
-    momentum: float = _opt(0.9, "SGD momentum (Nesterov)")
-    schedule: str = _opt("cosine", "cosine (after warmup), constant, or plateau (ReduceLROnPlateau on the "
+    epochs: int = option(25, "training epochs")
+    batch_size: int = option(32, "batch size")
+    optimizer: str = option("adamw", "adamw or sgd")
+    lr: float = option(1e-4, "peak learning rate")
+    weight_decay: float = option(0.0, "weight decay of matrices (0 with adamw: Adam, as seed 001)")
+    momentum: float = option(0.9, "SGD momentum (Nesterov)")
+    schedule: str = option("cosine", "cosine (after warmup), constant, or plateau (ReduceLROnPlateau on the "
                                    "validation loss, after warmup)")
-    warmup_epochs: float = _opt(1.0, "linear warmup length in epochs")
-    plateau_patience: int = _opt(3, "plateau: epochs without improvement before the learning rate drops")
-    plateau_factor: float = _opt(0.5, "plateau: factor of each drop")
-    grad_clip: float = _opt(0.0, "clip the gradient norm to this value (0: off)")
-    bf16: bool = _opt(True, "bfloat16 autocast of the backbone on CUDA (the heads stay float32; ignored on CPU)")
+    warmup_epochs: float = option(1.0, "linear warmup length in epochs")
+    plateau_patience: int = option(3, "plateau: epochs without improvement before the learning rate drops")
+    plateau_factor: float = option(0.5, "plateau: factor of each drop")
+    grad_clip: float = option(0.0, "clip the gradient norm to this value (0: off)")
+    bf16: bool = option(True, "bfloat16 autocast of the backbone on CUDA (the heads stay float32; ignored on CPU)")
     # augmentation (batched on the device; boxes move with the pixels)
-    hflip: float = _opt(0.0, "horizontal flip probability (0 by default: a mirrored sign may be another letter)")
-    crop_scale: list[float] | None = _opt(None, "box-safe random crop: window area range, e.g. 0.6,1.0 (>1 zooms out)")
-    crop_ratio: list[float] = _opt((0.75, 4 / 3), "box-safe random crop: window aspect-ratio range")
-    brightness: float = _opt(0.0, "colour jitter: brightness factor range ±j")
-    contrast: float = _opt(0.0, "colour jitter: contrast factor range ±j")
-    saturation: float = _opt(0.0, "colour jitter: saturation factor range ±j")
+    hflip: float = option(0.0, "horizontal flip probability (0 by default: a mirrored sign may be another letter)")
+    crop_scale: list[float] | None = option(None, "box-safe random crop: window area range, e.g. 0.6,1.0 (>1 zooms out)")
+    crop_ratio: list[float] = option((0.75, 4 / 3), "box-safe random crop: window aspect-ratio range")
+    brightness: float = option(0.0, "colour jitter: brightness factor range ±j")
+    contrast: float = option(0.0, "colour jitter: contrast factor range ±j")
+    saturation: float = option(0.0, "colour jitter: saturation factor range ±j")
     # run
-    seed: int = _opt(0, "random seed (data order, augmentation, initialisation)")
-    device: str = _opt("auto", "cuda, mps, cpu or auto")
-    eval_batch_size: int = _opt(256, "batch size for validation and test")
-    select_by: str = _opt("accuracy", "best checkpoint by validation accuracy then mean IoU (accuracy), or by mean "
+    seed: int = option(0, "random seed (data order, augmentation, initialisation)")
+    device: str = option("auto", "cuda, mps, cpu or auto")
+    eval_batch_size: int = option(256, "batch size for validation and test")
+    select_by: str = option("accuracy", "best checkpoint by validation accuracy then mean IoU (accuracy), or by mean "
                                       "IoU then accuracy (iou)")
 
     # Layer-wise learning-rate decay needs a bare ViT's parameter names (vitkit.train.optim): not offered here.

@@ -11,7 +11,8 @@ from typing import Any
 from vitkit.errors import VitkitError
 
 
-def _opt(default: Any, help: str) -> Any:
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with its command-line help text."""
     return field(default=default, metadata={"help": help})
 
 
@@ -20,85 +21,85 @@ class TrainConfig:
     """Everything a training run depends on; saved as config.json in the run folder."""
 
     # data
-    data: str = _opt("digits", "data set: digits, cifar10, cifar100, an ImageFolder directory or a .tar.gz of one")
-    data_root: str | None = _opt(None, "where CIFAR archives live (default ~/.cache/vitkit/datasets or $VITKIT_DATA)")
-    download: bool = _opt(False, "download CIFAR when it is missing (checksum verified)")
-    image_size: int | None = _opt(None, "resize ImageFolder images to this size (default: the model's; resnet18: "
+    data: str = option("digits", "data set: digits, cifar10, cifar100, an ImageFolder directory or a .tar.gz of one")
+    data_root: str | None = option(None, "where CIFAR archives live (default ~/.cache/vitkit/datasets or $VITKIT_DATA)")
+    download: bool = option(False, "download CIFAR when it is missing (checksum verified)")
+    image_size: int | None = option(None, "resize ImageFolder images to this size (default: the model's; resnet18: "
                                         "their own)")
-    val_fraction: float = _opt(0.1, "share of the training split held out for validation (seed 003: 0.1)")
+    val_fraction: float = option(0.1, "share of the training split held out for validation (seed 003: 0.1)")
     # model
-    model: str = _opt("vit_digits", "model preset (see `vitkit info --presets`), or resnet18 (torchvision's CNN, with "
+    model: str = option("vit_digits", "model preset (see `vitkit info --presets`), or resnet18 (torchvision's CNN, with "
                                     "the CIFAR stem on images of at most 64 pixels; the ViT shape options do not apply)")
-    patch_size: int | None = _opt(None, "override the preset's patch size")
-    dim: int | None = _opt(None, "override the preset's width")
-    depth: int | None = _opt(None, "override the preset's number of blocks")
-    heads: int | None = _opt(None, "override the preset's attention heads")
-    mlp_dim: int | None = _opt(None, "override the preset's MLP hidden width")
-    pos_embed: str | None = _opt(None, "position embeddings: learned, sincos1d, sincos2d")
-    pool: str | None = _opt(None, "head input: cls (class token) or mean (mean of patch tokens)")
-    dropout: float | None = _opt(None, "dropout rate")
-    drop_path: float | None = _opt(None, "stochastic depth rate of the last block")
-    pretrained: str | None = _opt(None, "timm/HF weights: a local file or a hub name (e.g. "
+    patch_size: int | None = option(None, "override the preset's patch size")
+    dim: int | None = option(None, "override the preset's width")
+    depth: int | None = option(None, "override the preset's number of blocks")
+    heads: int | None = option(None, "override the preset's attention heads")
+    mlp_dim: int | None = option(None, "override the preset's MLP hidden width")
+    pos_embed: str | None = option(None, "position embeddings: learned, sincos1d, sincos2d")
+    pool: str | None = option(None, "head input: cls (class token) or mean (mean of patch tokens)")
+    dropout: float | None = option(None, "dropout rate")
+    drop_path: float | None = option(None, "stochastic depth rate of the last block")
+    pretrained: str | None = option(None, "timm/HF weights: a local file or a hub name (e.g. "
                                         "deit_tiny_patch16_224.fb_in1k); the weights' shape overrides the "
                                         "preset's, which then only gives defaults")
-    freeze_blocks: int = _opt(0, "with --pretrained: freeze the patch/position embeddings, class token and the "
+    freeze_blocks: int = option(0, "with --pretrained: freeze the patch/position embeddings, class token and the "
                                  "first N blocks (seed 001: 6; 0: none)")
     # optimisation
-    epochs: int = _opt(60, "training epochs")
-    batch_size: int = _opt(128, "batch size")
-    optimizer: str = _opt("adamw", "adamw or sgd")
-    lr: float = _opt(1e-3, "peak learning rate")
-    weight_decay: float = _opt(0.05, "weight decay (not applied to norms, biases and embeddings)")
-    momentum: float = _opt(0.9, "SGD momentum (Nesterov)")
-    schedule: str = _opt("cosine", "cosine (after warmup), step, multistep or constant")
-    warmup_epochs: float = _opt(5.0, "linear warmup length in epochs")
-    step_size: int = _opt(10, "step schedule: epochs between decays (seed 000: 10)")
-    milestones: list[int] = _opt((100, 150), "multistep schedule: epochs of decay (seed 003: 100,150)")
-    gamma: float = _opt(0.1, "decay factor of the step and multistep schedules")
-    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy")
-    grad_clip: float = _opt(0.0, "clip the gradient norm to this value (0: off)")
-    layer_decay: float = _opt(1.0, "layer-wise learning-rate decay: block i (from 0) of L learns at lr·decay^(L-i), "
+    epochs: int = option(60, "training epochs")
+    batch_size: int = option(128, "batch size")
+    optimizer: str = option("adamw", "adamw or sgd")
+    lr: float = option(1e-3, "peak learning rate")
+    weight_decay: float = option(0.05, "weight decay (not applied to norms, biases and embeddings)")
+    momentum: float = option(0.9, "SGD momentum (Nesterov)")
+    schedule: str = option("cosine", "cosine (after warmup), step, multistep or constant")
+    warmup_epochs: float = option(5.0, "linear warmup length in epochs")
+    step_size: int = option(10, "step schedule: epochs between decays (seed 000: 10)")
+    milestones: list[int] = option((100, 150), "multistep schedule: epochs of decay (seed 003: 100,150)")
+    gamma: float = option(0.1, "decay factor of the step and multistep schedules")
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy")
+    grad_clip: float = option(0.0, "clip the gradient norm to this value (0: off)")
+    layer_decay: float = option(1.0, "layer-wise learning-rate decay: block i (from 0) of L learns at lr·decay^(L-i), "
                                    "the embeddings at lr·decay^(L+1) (1: off; e.g. 0.65 for fine-tuning)")
-    ema: float = _opt(0.0, "decay of an exponential moving average of the weights (0: off; e.g. 0.999)")
-    bf16: bool = _opt(True, "bfloat16 autocast on CUDA (ignored on CPU)")
-    compile: bool = _opt(False, "torch.compile the model")
-    tta_flip: bool = _opt(False, "validation and test accuracy of the mean logits of each image and its mirror image")
+    ema: float = option(0.0, "decay of an exponential moving average of the weights (0: off; e.g. 0.999)")
+    bf16: bool = option(True, "bfloat16 autocast on CUDA (ignored on CPU)")
+    compile: bool = option(False, "torch.compile the model")
+    tta_flip: bool = option(False, "validation and test accuracy of the mean logits of each image and its mirror image")
     # augmentation (batched on the device)
-    hflip: float = _opt(0.0, "horizontal flip probability")
-    crop_padding: int = _opt(0, "random crop with this padding (0: off)")
-    resized_crop_scale: list[float] | None = _opt(None, "RandomResizedCrop area range, e.g. 0.8,1.0")
-    resized_crop_ratio: list[float] = _opt((0.75, 4 / 3), "RandomResizedCrop aspect-ratio range (seed 003: 0.9,1.1)")
-    trivial_augment: bool = _opt(False, "TrivialAugment: one random op of random strength per image")
-    random_erasing: float = _opt(0.0, "random erasing probability")
-    mixup: float = _opt(0.0, "mixup alpha (0: off)")
-    cutmix: float = _opt(0.0, "cutmix alpha (0: off)")
+    hflip: float = option(0.0, "horizontal flip probability")
+    crop_padding: int = option(0, "random crop with this padding (0: off)")
+    resized_crop_scale: list[float] | None = option(None, "RandomResizedCrop area range, e.g. 0.8,1.0")
+    resized_crop_ratio: list[float] = option((0.75, 4 / 3), "RandomResizedCrop aspect-ratio range (seed 003: 0.9,1.1)")
+    trivial_augment: bool = option(False, "TrivialAugment: one random op of random strength per image")
+    random_erasing: float = option(0.0, "random erasing probability")
+    mixup: float = option(0.0, "mixup alpha (0: off)")
+    cutmix: float = option(0.0, "cutmix alpha (0: off)")
     # training on ablations (the base model of a smoothed classifier, `vitkit certify`)
-    ablation: str | None = _opt(None, "train on one random ablation per image: column, row or block (default: off)")
-    ablation_size: int = _opt(4, "ablation band width b in pixels (columns/rows kept, or the block side)")
-    ablation_stride: int = _opt(1, "ablation start positions every s pixels")
+    ablation: str | None = option(None, "train on one random ablation per image: column, row or block (default: off)")
+    ablation_size: int = option(4, "ablation band width b in pixels (columns/rows kept, or the block side)")
+    ablation_stride: int = option(1, "ablation start positions every s pixels")
     # adversarial training (Madry et al. 2018, TRADES); `vitkit attack` measures the robustness it buys
-    adv: str | None = _opt(None, "adversarial training: pgd or fgsm examples in the batch (Madry et al.), or trades "
+    adv: str | None = option(None, "adversarial training: pgd or fgsm examples in the batch (Madry et al.), or trades "
                                  "(clean batch + β·KL to the prediction on a PGD example; Zhang et al. 2019)")
-    eps: float = _opt(8 / 255, "adversarial training budget, for pixels in [0, 1] (e.g. 8/255)")
-    adv_norm: str = _opt("linf", "adversarial training budget norm: linf or l2")
-    adv_steps: int = _opt(7, "PGD steps per batch")
-    adv_step_size: float = _opt(2 / 255, "PGD step size, for pixels in [0, 1] (e.g. 2/255)")
-    adv_mix: float = _opt(0.5, "pgd, fgsm: share of each batch kept clean (seed 002's half-half: 0.5; Madry et al.: 0); "
+    eps: float = option(8 / 255, "adversarial training budget, for pixels in [0, 1] (e.g. 8/255)")
+    adv_norm: str = option("linf", "adversarial training budget norm: linf or l2")
+    adv_steps: int = option(7, "PGD steps per batch")
+    adv_step_size: float = option(2 / 255, "PGD step size, for pixels in [0, 1] (e.g. 2/255)")
+    adv_mix: float = option(0.5, "pgd, fgsm: share of each batch kept clean (seed 002's half-half: 0.5; Madry et al.: 0); "
                                "left at its default by trades, which trains on whole clean batches")
-    trades_beta: float = _opt(6.0, "trades: weight β of the KL term (Zhang et al.: 6; a higher β gives up clean "
+    trades_beta: float = option(6.0, "trades: weight β of the KL term (Zhang et al.: 6; a higher β gives up clean "
                                    "accuracy for robustness)")
     # distillation from a trained teacher (Hinton et al. 2015; DeiT, Touvron et al. 2021); see vitkit.train.distill
-    teacher: str | None = _opt(None, "distil from this vitkit checkpoint or run folder (a ViT or a ResNet trained on the "
+    teacher: str | None = option(None, "distil from this vitkit checkpoint or run folder (a ViT or a ResNet trained on the "
                                      "same classes and image size)")
-    distill: str | None = _opt(None, "soft: T²·KL to the teacher's softened output; hard: DeiT's distillation token, "
+    distill: str | None = option(None, "soft: T²·KL to the teacher's softened output; hard: DeiT's distillation token, "
                                      "trained on the teacher's top class (default with --teacher: soft)")
-    distill_alpha: float = _opt(0.5, "weight α of the distillation term: (1 − α)·CE(labels) + α·term (DeiT hard: 0.5)")
-    distill_temperature: float = _opt(3.0, "soft: temperature T of both softmaxes (DeiT: 3)")
+    distill_alpha: float = option(0.5, "weight α of the distillation term: (1 − α)·CE(labels) + α·term (DeiT hard: 0.5)")
+    distill_temperature: float = option(3.0, "soft: temperature T of both softmaxes (DeiT: 3)")
     # run
-    seed: int = _opt(0, "random seed (data order, augmentation, initialisation)")
-    device: str = _opt("auto", "cuda, mps, cpu or auto")
-    eval_batch_size: int = _opt(512, "batch size for validation and test")
-    log_every: int = _opt(0, "progress-bar refresh in steps (0: automatic)")
+    seed: int = option(0, "random seed (data order, augmentation, initialisation)")
+    device: str = option("auto", "cuda, mps, cpu or auto")
+    eval_batch_size: int = option(512, "batch size for validation and test")
+    log_every: int = option(0, "progress-bar refresh in steps (0: automatic)")
 
     def __post_init__(self) -> None:
         self.milestones = [int(m) for m in self.milestones]
