@@ -1,5 +1,5 @@
 """torchrun with two CPU processes (Gloo) against one process: training, resume across process counts,
-evaluation and certification give the same results."""
+evaluation, certification and attacks give the same results."""
 
 import csv
 import json
@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from synthetic_boxes import write_yolo
 
 from vitkit.cli.main import main
 from vitkit.smoothing import Votes
@@ -97,6 +98,54 @@ def test_eval_and_certify_in_two_processes_match_one(runs, tmp_path):
     assert e1.keys() == e2.keys()
     for k in e1:  # logits of other batch compositions may differ in the last bits
         assert e1[k] == (pytest.approx(e2[k], rel=1e-5) if isinstance(e1[k], float) else e2[k]), k
+
+
+def test_attack_in_two_processes_matches_one(runs, tmp_path):
+    """PGD from random starts: each image's start is keyed by its pixels, so which process attacks it does not
+    matter and the per-image outcomes are identical."""
+    attack = ["attack", str(runs[0] / "best.safetensors"), "--num-images", "37", "--eps", "0.05,0.1", "--steps", "3",
+              "--batch-size", "8", "--examples", "2", "--device", "cpu"]
+    assert main([*attack, "--out", str(tmp_path / "one")]) == 0
+    torchrun(*attack, "--out", str(tmp_path / "two"))
+    rows = [list(csv.reader(open(tmp_path / d / "per_image.csv"))) for d in ("one", "two")]
+    assert rows[0] == rows[1] and len(rows[0]) == 38
+    assert rows[0][0] == ["index", "label", "clean_right", "robust_eps_0.0500", "robust_eps_0.1000"]
+    clean = [int(r[2]) for r in rows[0][1:]]
+    robust = [int(r[4]) for r in rows[0][1:]]
+    assert 0 < sum(robust) < sum(clean)  # the attack changes some answers and not all: the comparison means something
+    s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert (s1["processes"], s2["processes"]) == (1, 2)
+    assert s1["clean_accuracy"] == sum(clean) / 37 and s1["robust_accuracy_eps_0.1000"] == sum(robust) / 37
+    timing = {"seconds", "processes"}
+    assert {k: v for k, v in s1.items() if k not in timing} == {k: v for k, v in s2.items() if k not in timing}
+
+
+def test_box_training_and_evaluation_in_two_processes_match_one(tmp_path):
+    """train-boxes (ViT, no dropout or augmentation) under 2 ranks takes the steps one process takes, with the same
+    measured loss balance C; `vitkit eval` of the box checkpoint gives the same figures."""
+    data = write_yolo(tmp_path / "squares", {"train": 64, "valid": 21, "test": 23})
+    tiny = ["--data", str(data), "--image-size", "32", "--patch-size", "8", "--dim", "32", "--depth", "1", "--heads", "2",
+            "--mlp-dim", "64", "--hidden", "32", "--head-dropout", "0", "--epochs", "2", "--batch-size", "16",
+            "--lr", "1e-3", "--device", "cpu", "--quiet"]
+    assert main(["train-boxes", *tiny, "--out", str(tmp_path / "one")]) == 0
+    torchrun("train-boxes", *tiny, "--out", str(tmp_path / "two"))
+    assert_same_weights(tmp_path / "one" / "last.safetensors", tmp_path / "two" / "last.safetensors")
+    s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert s1["loss_balance"] == s2["loss_balance"] and s2["processes"] == 2
+    for a, b in zip(history(tmp_path / "one"), history(tmp_path / "two"), strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+        assert a["val_iou_mean"] == pytest.approx(b["val_iou_mean"], rel=1e-3)
+    for k in ("test_accuracy", "test_iou_mean", "test_iou50", "val_loss"):
+        assert s1[k] == pytest.approx(s2[k], rel=1e-3), k
+
+    eval_ = ["eval", str(tmp_path / "one"), "--device", "cpu", "--batch-size", "8"]
+    assert main([*eval_, "--out", str(tmp_path / "eval1")]) == 0
+    torchrun(*eval_, "--out", str(tmp_path / "eval2"))
+    e1, e2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("eval1", "eval2"))
+    assert e1.keys() == e2.keys() and e1["images"] == 23
+    for k in e1:
+        assert e1[k] == (pytest.approx(e2[k], rel=1e-5) if isinstance(e1[k], float) else e2[k]), k
+    assert (tmp_path / "eval2" / "boxes.png").exists()
 
 
 def test_commands_that_do_not_share_work_refuse_torchrun(monkeypatch, capsys):

@@ -71,6 +71,15 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def local_batch(batch_size: int) -> int:
+    """This rank's share of a global batch, which must divide evenly among the processes."""
+    size = world()[1]
+    if batch_size % size:
+        raise VitkitError(f"--batch-size {batch_size} is the global batch and does not divide evenly among "
+                          f"{size} processes: pass a multiple of {size}")
+    return batch_size // size
+
+
 def shard(n: int) -> slice:
     """This rank's contiguous share of n items; shares differ by at most one item and none is repeated."""
     rank, size = world()

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from vitkit.attacks import patch_attack, pgd, robust_accuracy
+from vitkit.attacks import Robustness, attack_outcomes, patch_attack, pgd, robust_accuracy
 
 
 def attack_pgd(m, x, y, eps, g):
@@ -64,3 +64,22 @@ def test_transfer_attack_is_crafted_on_the_surrogate_and_scored_on_the_target(mo
     assert robust_accuracy(model, images, labels, no_start, [0.2]).robust_accuracy[0] < 0.75
     from_blind = robust_accuracy(model, images, labels, no_start, [0.2], surrogate=Blind())
     assert from_blind.robust_accuracy == [from_blind.clean_accuracy]
+
+
+def test_figures_from_per_image_outcomes():
+    # 4 images: clean right on 3; the attack at the first strength breaks one of them, at the second all three.
+    outcomes = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 0]], dtype=torch.bool)
+    result = Robustness.from_outcomes([0.1, 0.2], outcomes)
+    assert result.clean_accuracy == 3 / 4 and result.images == 4
+    assert result.robust_accuracy == [2 / 4, 0.0]
+    assert result.success_rate == [1 / 3, 3 / 3]
+
+
+def test_outcomes_are_per_image_and_robust_only_where_clean_right(model):
+    images, labels = data(model)
+    outcomes = attack_outcomes(model, images, labels, attack_pgd, [0.05, 0.2], batch_size=5)
+    assert outcomes.shape == (12, 3) and outcomes.dtype == torch.bool
+    assert not (outcomes[:, 1:] & ~outcomes[:, :1]).any()
+    with torch.no_grad():
+        assert torch.equal(outcomes[:, 0], model(images.float() / 255).argmax(1) == labels)
+    assert outcomes[:, 2].sum() < outcomes[:, 0].sum()

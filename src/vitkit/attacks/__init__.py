@@ -5,7 +5,7 @@ Attacks take any module that maps images in [0, 1] (B, C, H, W) to logits; `Pixe
 with its normalisation. A transfer attack is `robust_accuracy(target, ..., surrogate=surrogate)`.
 """
 
-from vitkit.attacks.evaluate import Attack, Robustness, robust_accuracy
+from vitkit.attacks.evaluate import Attack, Robustness, attack_outcomes, robust_accuracy
 from vitkit.attacks.noise import image_keys
 from vitkit.attacks.patch import patch_attack, patch_mask
 from vitkit.attacks.pgd import NORMS, fgsm, pgd, project
@@ -20,6 +20,7 @@ __all__ = [
     "PixelModel",
     "Robustness",
     "Trades",
+    "attack_outcomes",
     "eval_mode",
     "fgsm",
     "image_keys",

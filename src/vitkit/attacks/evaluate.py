@@ -27,6 +27,19 @@ class Robustness:
     success_rate: list[float]  # among the images classified right, the share the attack turns wrong
     images: int
 
+    @classmethod
+    def from_outcomes(cls, strengths: Sequence[float], outcomes: Tensor) -> Robustness:
+        """The figures of per-image outcomes (N, 1 + S) as `attack_outcomes` returns them."""
+        clean_right, robust_right = outcomes[:, 0], outcomes[:, 1:]
+        n, n_right = len(outcomes), max(int(clean_right.sum()), 1)
+        return cls(
+            strengths=list(strengths),
+            clean_accuracy=int(clean_right.sum()) / max(n, 1),
+            robust_accuracy=[int(r.sum()) / max(n, 1) for r in robust_right.T],
+            success_rate=[int((clean_right & ~r).sum()) / n_right for r in robust_right.T],
+            images=n,
+        )
+
     def summary(self, name: str = "eps") -> dict[str, float]:
         """Flat figures: clean_accuracy, robust_accuracy_{name}_{strength}, attack_success_rate_{name}_{strength}."""
         figures: dict[str, float] = {"images": self.images, "clean_accuracy": self.clean_accuracy}
@@ -41,22 +54,23 @@ def device_of(model: nn.Module) -> torch.device:
     return next(chain(model.parameters(), model.buffers()), torch.empty(0)).device
 
 
-def robust_accuracy(
+def attack_outcomes(
     model: nn.Module, images: Tensor, labels: Tensor, attack: Attack, strengths: Sequence[float], *,
     surrogate: nn.Module | None = None, batch_size: int = 256, seed: int = 0,
-) -> Robustness:
-    """Clean and robust accuracy of `model` (pixels in [0, 1] to logits) on images (N, C, H, W), uint8
-    or float in [0, 1], with their labels; batches go to the model's device.
+) -> Tensor:
+    """Per image, whether `model` (pixels in [0, 1] to logits) is right: (N, 1 + S) bool on the CPU, column 0
+    on the clean image, column 1 + i on it and on its adversarial version at strengths[i] (so a robust image
+    is also a clean-right one). Images (N, C, H, W) are uint8 or float in [0, 1]; batches go to the model's
+    device. With `surrogate`, the adversarial images are crafted on the surrogate and scored on `model`: a
+    transfer (black-box) attack.
 
-    An image counts as robust at a strength when the model is right on it and on its adversarial
-    version, so robust accuracy never exceeds clean accuracy. With `surrogate`, the adversarial images
-    are crafted on the surrogate and scored on `model`: a transfer (black-box) attack.
-    Every batch's attack gets a generator seeded with `seed`; with the attacks of vitkit.attacks,
-    whose randomness is keyed by image, the figures do not depend on the batch size.
+    Every batch's attack gets a generator seeded with `seed`; with the attacks of vitkit.attacks, whose
+    randomness is keyed by image, the outcomes do not depend on the batch size, nor on which process of a
+    torchrun launch attacks the image.
     """
     device = device_of(model)
     crafter = surrogate if surrogate is not None else model
-    clean, robust = [], [[] for _ in strengths]
+    outcomes = []
     with eval_mode(model):
         for start in range(0, len(labels), batch_size):
             x = images[start : start + batch_size].to(device)
@@ -64,18 +78,24 @@ def robust_accuracy(
             y = labels[start : start + batch_size].to(device)
             with torch.no_grad():
                 right = model(x).argmax(1) == y
-            clean.append(right)
-            for i, strength in enumerate(strengths):
+            batch = [right]
+            for strength in strengths:
                 adversarial = attack(crafter, x, y, strength, torch.Generator().manual_seed(seed))
                 with torch.no_grad():
-                    robust[i].append(right & (model(adversarial).argmax(1) == y))
-    clean_right = torch.cat(clean)
-    n, n_right = len(labels), max(int(clean_right.sum()), 1)
-    robust_right = [torch.cat(r) for r in robust]
-    return Robustness(
-        strengths=list(strengths),
-        clean_accuracy=int(clean_right.sum()) / n,
-        robust_accuracy=[int(r.sum()) / n for r in robust_right],
-        success_rate=[int((clean_right & ~r).sum()) / n_right for r in robust_right],
-        images=n,
-    )
+                    batch.append(right & (model(adversarial).argmax(1) == y))
+            outcomes.append(torch.stack(batch, 1).cpu())
+    return torch.cat(outcomes) if outcomes else torch.zeros(0, 1 + len(strengths), dtype=torch.bool)
+
+
+def robust_accuracy(
+    model: nn.Module, images: Tensor, labels: Tensor, attack: Attack, strengths: Sequence[float], *,
+    surrogate: nn.Module | None = None, batch_size: int = 256, seed: int = 0,
+) -> Robustness:
+    """Clean and robust accuracy of `model` on images with their labels (see `attack_outcomes`).
+
+    An image counts as robust at a strength when the model is right on it and on its adversarial
+    version, so robust accuracy never exceeds clean accuracy.
+    """
+    outcomes = attack_outcomes(model, images, labels, attack, strengths, surrogate=surrogate,
+                               batch_size=batch_size, seed=seed)
+    return Robustness.from_outcomes(strengths, outcomes)

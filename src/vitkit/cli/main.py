@@ -17,7 +17,7 @@ from vitkit.errors import VitkitError
 from vitkit.train.config import RECIPES, config_fields, read_config_file
 
 DEFAULT_DEMO_OUT = "runs/demo"
-DISTRIBUTED_COMMANDS = ("train", "eval", "certify")  # the ones that share their work among torchrun's processes
+DISTRIBUTED_COMMANDS = ("train", "train-boxes", "eval", "certify", "attack")  # the ones that share their work among torchrun's processes
 
 
 # -- value parsers ---------------------------------------------------------------------------
@@ -109,29 +109,34 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_train_boxes(args: argparse.Namespace) -> int:
     """Seed 001: a class and a bounding box per image, on a ViT or ResNet-18 backbone."""
+    from vitkit import distributed
     from vitkit.train.boxes import BoxTrainConfig, train_boxes
 
     cfg, out = config_from_flags(args, BoxTrainConfig, lambda flags: BoxTrainConfig(**flags))
     out = out or Path(args.out or f"runs/{Path(cfg.data).name.split('.')[0]}-boxes-{cfg.backbone}")
     summary = train_boxes(cfg, out, resume=bool(args.resume), progress=not args.quiet)
-    print_summary(summary, out)
+    if distributed.is_main():
+        print_summary(summary, out)
     return 0
 
 
 def cmd_eval_boxes(args: argparse.Namespace) -> int:
     """`vitkit eval` on a box checkpoint: accuracy, IoU figures and a picture of true and predicted boxes."""
+    from vitkit import distributed
     from vitkit.data.boxes import load_box_dataset
     from vitkit.train import select_device
     from vitkit.train.boxes import IOU_NOTE, evaluate_box_model, load_box_model
     from vitkit.train.checkpoint import write_json
 
-    device = select_device(args.device)
+    device = distributed.setup(select_device(args.device))
     model, info = load_box_model(args.checkpoint, device)
     source = args.data or info["data"]
     data = load_box_dataset(source, args.split, info["image_size"])
     out = Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + f"-eval-{args.split}")
     metrics = evaluate_box_model(model, info, data, args.split, device, args.batch_size, picture=out / "boxes.png",
                                  samples=args.samples)
+    if not distributed.is_main():  # rank 0 has every image's prediction and writes the report
+        return 0
     summary = {"checkpoint": str(args.checkpoint), "data": source, "split": args.split, "images": len(data),
                **metrics, "iou_measured_on": IOU_NOTE}
     write_json(out / "summary.json", summary)
@@ -186,8 +191,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from vitkit.train import read_info
 
     if read_info(args.checkpoint).get("task") == "boxes":
-        if distributed.launched():
-            raise VitkitError("`vitkit eval` of a box checkpoint runs in one process: launch it without torchrun")
         return cmd_eval_boxes(args)
     device = distributed.setup(select_device(args.device))
     model, info, data = load_checkpoint_and_data(args, device)
@@ -469,12 +472,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     import torch
 
-    from vitkit.attacks import PixelModel, fgsm, load_pixel_model, patch_attack, pgd, robust_accuracy
+    from vitkit import distributed
+    from vitkit.attacks import PixelModel, Robustness, attack_outcomes, fgsm, load_pixel_model, patch_attack, pgd
     from vitkit.plots import plot_adversarial_examples, plot_robustness
     from vitkit.train import select_device
     from vitkit.train.checkpoint import write_json
 
-    device = select_device(args.device)
+    device = distributed.setup(select_device(args.device))
     base, info, data = load_checkpoint_and_data(args, device)
     model = PixelModel(base, info["mean"], info["std"])
     surrogate = None
@@ -501,9 +505,14 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     data = seeded_sample(data, args.n, args.seed)
     start = time.perf_counter()
-    result = robust_accuracy(model, data.images, data.labels, attack, strengths, surrogate=surrogate,
-                             batch_size=args.batch_size, seed=args.seed)
+    share = distributed.shard(len(data))  # under torchrun each process attacks its share; all of them otherwise
+    outcomes = attack_outcomes(model, data.images[share], data.labels[share], attack, strengths,
+                               surrogate=surrogate, batch_size=args.batch_size, seed=args.seed)
+    outcomes = distributed.gather_cat(outcomes)
     seconds = time.perf_counter() - start
+    if not distributed.is_main():  # rank 0 has every image's outcome and writes the report
+        return 0
+    result = Robustness.from_outcomes(strengths, outcomes)
 
     out = Path(args.out)
     kind = f"{args.attack} ({args.norm})" if not patch else "patch"
@@ -534,14 +543,30 @@ def cmd_attack(args: argparse.Namespace) -> int:
         "restarts": args.restarts if args.attack == "pgd" else None,
         "random_start": None if args.attack == "fgsm" else args.random_start, "seed": args.seed,
         **result.summary("patch" if patch else "eps"), "seconds": round(seconds, 2), "device": str(device),
+        "processes": distributed.world()[1],
     }
     write_json(out / "summary.json", summary)
+    columns = [f"robust_patch_{s}" if patch else f"robust_eps_{s:.4f}" for s in strengths]
+    write_attack_outcomes(out / "per_image.csv", data.labels, outcomes, columns)
     print(f"{'':>26s}  accuracy  success")
     print(f"{'clean':>26s}  {result.clean_accuracy:8.4f}")
     for s, robust, success in zip(strengths, result.robust_accuracy, result.success_rate):
         print(f"{label(s):>26s}  {robust:8.4f}  {success:7.4f}")
-    print(f"{result.images} images, {title}; results in {out}/ (summary.json, robustness.png, examples.png)")
+    print(f"{result.images} images, {title}; results in {out}/ (summary.json, per_image.csv, robustness.png, "
+          "examples.png)")
     return 0
+
+
+def write_attack_outcomes(path: Path, labels, outcomes, columns: list[str]) -> None:
+    """One row per attacked image: its place in the sample, label, and 1/0 for right on the clean image and
+    right under the attack at each strength."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "label", "clean_right", *columns])
+        for i, row in enumerate(outcomes.int().tolist()):
+            w.writerow([i, int(labels[i]), *row])
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -694,7 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-start", action=argparse.BooleanOptionalAction, default=True,
                    help="start from a random point of the budget (pgd, patch; default: on)")
     p.add_argument("--surrogate", help="craft the attack on this checkpoint and score it on CHECKPOINT (transfer)")
-    p.add_argument("--n", type=int, default=1000, help="attack a seeded random sample of N images (0: all)")
+    p.add_argument("--n", "--num-images", dest="n", type=int, default=1000,
+                   help="attack a seeded random sample of N images (0: all; under torchrun write --num-images)")
     p.add_argument("--examples", type=int, default=4, help="images in examples.png")
     p.add_argument("--data", help="data source (default: the one the model was trained on)")
     p.add_argument("--data-root", help="where CIFAR archives live")

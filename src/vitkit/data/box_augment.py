@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vitkit.data.boxes import BoxDataset, cxcywh_to_xyxy, xyxy_to_cxcywh
-from vitkit.data.loader import DeviceLoader, _seed
+from vitkit.data.loader import DeviceLoader, stream_seed
 from vitkit.errors import VitkitError
 
 
@@ -139,7 +139,7 @@ class BoxLoader(DeviceLoader):
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         order = self._order()
         g = torch.Generator(device=self.device)
-        g.manual_seed(_seed(self.seed, self.epoch, self.rank, 1))
+        g.manual_seed(stream_seed(self.seed, self.epoch, self.rank, 1))
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             x, y, b = self.images[idx].float().div_(255), self.labels[idx], self.boxes[idx]

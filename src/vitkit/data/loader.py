@@ -17,7 +17,7 @@ from vitkit.data.datasets import ImageDataset
 from vitkit.errors import VitkitError
 
 
-def _seed(*parts: int) -> int:
+def stream_seed(*parts: int) -> int:
     """A 63-bit seed mixed from integers, so nearby (seed, epoch, rank) tuples get unrelated streams."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
@@ -90,7 +90,7 @@ class DeviceLoader:
         n = len(self.labels)
         if self.shuffle:
             # Drawn on the CPU from a rank-independent seed: every rank shares one permutation.
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(self.seed, self.epoch)))
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(stream_seed(self.seed, self.epoch)))
         else:
             order = torch.arange(n)
         if self.world_size > 1:
@@ -101,8 +101,8 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         order = self._order()
         g = torch.Generator(device=self.device)
-        g.manual_seed(_seed(self.seed, self.epoch, self.rank, 1))  # the augmentation's own stream
-        host_rng = np.random.default_rng(_seed(self.seed, self.epoch, self.rank, 2))  # its per-batch draws
+        g.manual_seed(stream_seed(self.seed, self.epoch, self.rank, 1))  # the augmentation's own stream
+        host_rng = np.random.default_rng(stream_seed(self.seed, self.epoch, self.rank, 2))  # its per-batch draws
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             x = self.images[idx].float().div_(255)

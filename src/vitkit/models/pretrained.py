@@ -262,7 +262,15 @@ def load_pretrained(
     image_size: position embeddings resampled (bicubic) to the new grid. patch_size: the patch projection
     resampled (`resample_patch_projection`), and the grid with it. heads: where the default guess is wrong.
     options: ViTConfig fields that change no tensor shape (pool, dropout, attn_dropout, drop_path).
+    shifted_patches / locality_attention (SPT, LSA) are refused: the weights are of a plain ViT.
     """
+    small_data = [name for name in ("shifted_patches", "locality_attention") if options.pop(name, False)]
+    if small_data:
+        raise VitkitError(
+            f"pre-trained timm/Hugging Face weights are of a plain ViT, without {' or '.join(small_data)} (SPT/LSA, "
+            "Lee et al. 2021: a 5x wider patch projection with its LayerNorm, learned attention temperatures): "
+            "train such a model from scratch, or load the weights without them"
+        )
     unknown = sorted(set(options) - set(FREE_OPTIONS))
     if unknown:
         raise VitkitError(f"pre-trained weights fix the model's shape: {unknown} cannot change; free options: {FREE_OPTIONS}")

@@ -9,6 +9,10 @@ MLP width M, h heads and patches of C·P·P values:
                 position row D and a second head
     MACs        patch projection K·C·P·P·D, per block qkv 3·T·D², QKᵀ T²·D, AV T²·D, proj T·D²,
                 fc1 T·D·M, fc2 T·M·D, head D·classes
+
+Shifted Patch Tokenization (`shifted_patches`) makes each patch 5·C·P·P values and adds their LayerNorm
+(2·5·C·P·P parameters, no MACs); Locality Self-Attention (`locality_attention`) adds h temperatures per block and
+no MACs (the diagonal mask and the scaling of q are elementwise).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ class ModelSummary:
     layers: list[LayerRow] = field(default_factory=list)
 
 
-def _block_activation_floats(tokens: int, dim: int, mlp_dim: int, heads: int) -> int:
+def _block_activation_floats(tokens: int, dim: int, mlp_dim: int, heads: int, locality: bool = False) -> int:
     """Floats one block keeps for backward, per image, with the fused attention kernel used in training:
 
         norm1 input T·D, qkv input T·D, q/k/v 3·T·D, attention output T·D (kept by the kernel) and its
@@ -54,8 +58,9 @@ def _block_activation_floats(tokens: int, dim: int, mlp_dim: int, heads: int) ->
 
     That is T·(8D + 2M + 4 + h). The fused kernel recomputes the T×T attention matrix in backward,
     so nothing quadratic in T is stored; dropout masks (when dropout > 0) are not counted.
+    Locality Self-Attention keeps q scaled by its temperatures beside q itself: T·D more.
     """
-    return tokens * (8 * dim + 2 * mlp_dim + 4 + heads)
+    return tokens * (8 * dim + 2 * mlp_dim + 4 + heads + (dim if locality else 0))
 
 
 def summarize(cfg: ViTConfig, batch_size: int = 1, keep_tokens: int | None = None) -> ModelSummary:
@@ -76,16 +81,19 @@ def summarize(cfg: ViTConfig, batch_size: int = 1, keep_tokens: int | None = Non
     if not 1 <= kept <= n:
         raise VitkitError(f"keep_tokens={keep_tokens} is out of range: keep between 1 and {n} patches")
     prefix = cfg.num_prefix_tokens
-    B, T, D, M, patch_dim = batch_size, prefix + kept, cfg.dim, cfg.mlp_dim, cfg.in_channels * cfg.patch_size**2
+    B, T, D, M = batch_size, prefix + kept, cfg.dim, cfg.mlp_dim
+    patch_dim = (5 if cfg.shifted_patches else 1) * cfg.in_channels * cfg.patch_size**2
 
     qkv_bias = 3 * D if cfg.qkv_bias else 0
     block_params = 4 * D + (3 * D * D + qkv_bias) + (D * D + D) + (D * M + M) + (M * D + D)
+    block_params += cfg.heads if cfg.locality_attention else 0  # LSA's temperatures
     block_macs = 3 * T * D * D + 2 * T * T * D + T * D * D + 2 * T * D * M
     # The fixed sinusoidal tables are buffers, not parameters.
     embed_params = prefix * D + ((prefix + n) * D if cfg.pos_embed == "learned" else 0)
     head_params = D * cfg.num_classes + cfg.num_classes
     layers = [
-        LayerRow("patch_embed", (B, kept, D), patch_dim * D + D, kept * patch_dim * D),
+        LayerRow("patch_embed (shifted)" if cfg.shifted_patches else "patch_embed", (B, kept, D),
+                 patch_dim * D + D + (2 * patch_dim if cfg.shifted_patches else 0), kept * patch_dim * D),
         LayerRow("cls_token + pos_embed" if prefix == 1 else "cls/dist_token + pos_embed", (B, T, D), embed_params, 0),
         *(LayerRow(f"blocks.{i}", (B, T, D), block_params, block_macs) for i in range(cfg.depth)),
         LayerRow("norm", (B, T, D), 2 * D, 0),
@@ -97,7 +105,9 @@ def summarize(cfg: ViTConfig, batch_size: int = 1, keep_tokens: int | None = Non
             layers.append(LayerRow("head_dist", (B, cfg.num_classes), head_params, D * cfg.num_classes))
     parameters = sum(row.parameters for row in layers)
 
-    floats = kept * patch_dim + cfg.depth * _block_activation_floats(T, D, M, cfg.heads) + T * D
+    # The projection's input; with SPT also the LayerNorm's input and its per-patch mean and rstd.
+    patch_floats = kept * patch_dim + (kept * (patch_dim + 2) if cfg.shifted_patches else 0)
+    floats = patch_floats + cfg.depth * _block_activation_floats(T, D, M, cfg.heads, cfg.locality_attention) + T * D
     return ModelSummary(
         config=cfg,
         batch_size=batch_size,
@@ -130,7 +140,8 @@ def format_summary(s: ModelSummary) -> str:
     act_mb = s.activation_bytes_per_image / 1e6
     cfg = s.config
     totals = [
-        f"Input: {cfg.in_channels}×{cfg.image_size}×{cfg.image_size}, patch {cfg.patch_size}, {s.tokens} tokens",
+        f"Input: {cfg.in_channels}×{cfg.image_size}×{cfg.image_size}, patch {cfg.patch_size}, {s.tokens} tokens"
+        + "".join(f", {name}" for name, on in (("SPT", cfg.shifted_patches), ("LSA", cfg.locality_attention)) if on),
         f"Parameters: {s.parameters / 1e6:.2f}M ({s.parameters:,}), trainable {s.trainable_parameters / 1e6:.2f}M",
         f"Compute: {s.macs_per_image / 1e9:.3f} GMACs per image (matmuls only; ≈ {2 * s.macs_per_image / 1e9:.3f} GFLOPs)",
         f"Training activations (float32): {act_mb:.2f} MB per image, "

@@ -14,6 +14,14 @@ With `distill_token` the model is DeiT's (Touvron et al. 2021): a second learned
 class token, with its own position embedding and head `head_dist`, trained towards a teacher's
 predictions; the output is the mean of the two heads' logits.
 
+Two options of Lee, Lee & Song (2021), "Vision Transformer for Small-Size Datasets", add the locality inductive
+bias a ViT lacks, which is why it needs a large data set where a CNN does not:
+- Shifted Patch Tokenization (`shifted_patches`): each patch is cut from the image concatenated along channels with
+  its four diagonal shifts by half a patch, so a token sees a wider neighbourhood (5·C·P·P values, LayerNorm, then
+  the linear projection);
+- Locality Self-Attention (`locality_attention`): a learned temperature per head instead of the fixed 1/sqrt(d_k),
+  and no token attends to itself (the diagonal of QK^T is masked), which sharpens attention towards other tokens.
+
 Parameter names follow timm's VisionTransformer (`patch_embed.proj`, `blocks.N.attn.qkv`, ...), so
 pre-trained weights map with few renames.
 """
@@ -53,6 +61,8 @@ class ViTConfig:
     drop_path: float = 0.0  # stochastic depth rate of the last block, linear from 0 at the first
     norm_eps: float = 1e-6
     distill_token: bool = False  # DeiT's distillation token and head (hard distillation, `vitkit train --distill hard`)
+    shifted_patches: bool = False  # SPT (Lee et al. 2021): tokens of the image and its 4 diagonal half-patch shifts
+    locality_attention: bool = False  # LSA (Lee et al. 2021): learned temperature per head, no attention to oneself
 
     def __post_init__(self) -> None:
         if self.image_size <= 0 or self.patch_size <= 0 or self.image_size % self.patch_size:
@@ -66,6 +76,11 @@ class ViTConfig:
             raise VitkitError(f"unknown position embedding {self.pos_embed!r}: use one of {', '.join(POS_EMBED_KINDS)}")
         if self.pool not in POOL_KINDS:
             raise VitkitError(f"unknown pooling {self.pool!r}: use one of {', '.join(POOL_KINDS)}")
+        if self.shifted_patches and self.patch_size < 2:
+            raise VitkitError(
+                "shifted patch tokenization shifts by half a patch, nothing for 1-pixel patches: "
+                "use a patch size of at least 2, or drop shifted_patches (--spt)"
+            )
 
     @property
     def grid_size(self) -> int:
@@ -92,14 +107,32 @@ class ViTConfig:
         return cls(**d)
 
 
+def shift_and_stack(x: Tensor, shift: int) -> Tensor:
+    """(B, C, H, W) → (B, 5C, H, W): the image, then its four diagonal shifts by `shift` pixels, zero where
+    shifted in. As the authors' code, crops of the image zero-padded by `shift` on every side, taken at its
+    top-left, top-right, bottom-left and bottom-right corners, in that order: channel block k ≥ 1 at pixel (i, j)
+    holds x[i + dy, j + dx] (0 outside the image) with (dy, dx) = (-s, -s), (-s, +s), (+s, -s), (+s, +s)."""
+    H, W = x.shape[-2:]
+    padded = F.pad(x, (shift, shift, shift, shift))
+    corners = ((0, 0), (0, 2 * shift), (2 * shift, 0), (2 * shift, 2 * shift))
+    return torch.cat([x, *(padded[..., r : r + H, c : c + W] for r, c in corners)], dim=1)
+
+
 class PatchEmbed(nn.Module):
     """Cuts the image into P×P patches, flattens each to P·P·C values (channel-major, as timm's
-    convolution weight) and projects it linearly to the model width."""
+    convolution weight) and projects it linearly to the model width.
 
-    def __init__(self, patch_size: int, in_channels: int, dim: int):
+    With `shifted` (Shifted Patch Tokenization, Lee et al. 2021) the image is first stacked with its four diagonal
+    shifts by P//2 pixels (`shift_and_stack`), so each patch has 5·C·P·P values (the image's C channels first,
+    then each shift's), which are layer-normalised (`norm`) before the projection."""
+
+    def __init__(self, patch_size: int, in_channels: int, dim: int, shifted: bool = False, norm_eps: float = 1e-6):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Linear(in_channels * patch_size * patch_size, dim)
+        self.shifted = shifted
+        width = (5 if shifted else 1) * in_channels * patch_size * patch_size
+        self.norm = nn.LayerNorm(width, eps=norm_eps) if shifted else None
+        self.proj = nn.Linear(width, dim)
 
     def patchify(self, x: Tensor) -> Tensor:
         """(B, C, H, W) → (B, N, C·P·P), patches in row-major grid order; a view + one copy, no loop."""
@@ -111,16 +144,28 @@ class PatchEmbed(nn.Module):
         return x.reshape(B, (H // P) * (W // P), C * P * P)
 
     def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        if self.shifted:
+            x = shift_and_stack(x, self.patch_size // 2)
         patches = self.patchify(x)
         if keep is not None:  # project only the patches that stay: dropped tokens cost nothing
             patches = torch.gather(patches, 1, keep[..., None].expand(-1, -1, patches.shape[-1]))
+        if self.norm is not None:
+            patches = self.norm(patches)
         return self.proj(patches)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention: softmax(QK^T/sqrt(d_k))V per head, heads concatenated, projected by W^O."""
+    """Multi-head self-attention: softmax(QK^T/sqrt(d_k))V per head, heads concatenated, projected by W^O.
 
-    def __init__(self, dim: int, heads: int, qkv_bias: bool = True, attn_dropout: float = 0.0, dropout: float = 0.0):
+    With `locality` (Locality Self-Attention, Lee et al. 2021): softmax(M(QK^T·τ))V, where τ (`temperature`,
+    one learned value per head as in the authors' code, the paper's single τ per layer generalised; initialised
+    to 1/sqrt(d_k), so the model starts as the plain one but for the mask) replaces the fixed scale, and M sets
+    each token's score for itself to -inf: a token attends only to the others."""
+
+    def __init__(
+        self, dim: int, heads: int, qkv_bias: bool = True, attn_dropout: float = 0.0, dropout: float = 0.0,
+        locality: bool = False,
+    ):
         super().__init__()
         self.heads = heads
         self.head_dim = dim // heads
@@ -128,19 +173,28 @@ class Attention(nn.Module):
         self.attn_dropout = attn_dropout
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
+        self.temperature = nn.Parameter(torch.full((heads,), self.head_dim**-0.5)) if locality else None
 
     def forward(self, x: Tensor, return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
         B, T, D = x.shape
         q, k, v = self.qkv(x).reshape(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         dropout_p = self.attn_dropout if self.training else 0.0
+        mask = None
+        if self.temperature is not None:
+            # q is scaled by τ·sqrt(d_k), so that the kernels' 1/sqrt(d_k) below leaves the learned τ per head;
+            # the mask is built for this T (token subsets change it), True where a token may attend: not itself.
+            q = q * (self.temperature.view(-1, 1, 1) * self.head_dim**0.5)
+            mask = ~torch.eye(T, dtype=torch.bool, device=x.device)
         if return_attention:
             # The explicit form, so the probabilities can be returned; the fused kernel below does not expose them.
             attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
+            if mask is not None:
+                attn = attn.masked_fill(~mask, float("-inf"))
             attn = attn.softmax(dim=-1)
             out = F.dropout(attn, dropout_p, self.training) @ v
         else:
             attn = None
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         out = out.transpose(1, 2).reshape(B, T, D)
         return self.proj_drop(self.proj(out)), attn
 
@@ -177,7 +231,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ViTConfig, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attn = Attention(cfg.dim, cfg.heads, cfg.qkv_bias, cfg.attn_dropout, cfg.dropout)
+        self.attn = Attention(cfg.dim, cfg.heads, cfg.qkv_bias, cfg.attn_dropout, cfg.dropout, cfg.locality_attention)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = Mlp(cfg.dim, cfg.mlp_dim, cfg.dropout)
         self.drop_path = DropPath(drop_path)
@@ -196,7 +250,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_channels, cfg.dim)
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_channels, cfg.dim, cfg.shifted_patches, cfg.norm_eps)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.distill_token else None
         n_tokens = cfg.num_prefix_tokens + cfg.num_patches
@@ -226,6 +280,8 @@ class VisionTransformer(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+            elif isinstance(m, Attention) and m.temperature is not None:
+                nn.init.constant_(m.temperature, m.head_dim**-0.5)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         if self.dist_token is not None:
             nn.init.trunc_normal_(self.dist_token, std=0.02)

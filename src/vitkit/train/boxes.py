@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from vitkit import distributed
 from vitkit.data.box_augment import BoxAugment, BoxAugmentConfig, BoxLoader
 from vitkit.data.boxes import BoxDataset, MissingSplit, box_iou, generalized_box_iou, load_box_dataset
 from vitkit.data.datasets import channel_stats, train_val_split
@@ -210,17 +211,19 @@ def measure_loss_balance(model: BoxModel, loader: BoxLoader, kind: str, batches:
 @torch.inference_mode()
 def predict_boxes(model: BoxModel, data: BoxDataset, mean, std, device: torch.device, batch_size: int = 256,
                   bf16: bool = False) -> tuple[Tensor, Tensor]:
-    """Logits (N, classes) and boxes (N, 4) in float32 on the CPU, for every image of `data`, unaugmented, in order."""
+    """Logits (N, classes) and boxes (N, 4) in float32 on the CPU, for every image of `data`, unaugmented, in order.
+    Under torchrun every rank predicts its share and gets the whole result (so every rank must call it)."""
     was_training = model.training
     model.eval()
     logits, boxes = [], []
-    for x, _, _ in BoxLoader(data, batch_size, mean=mean, std=std, device=device):
+    part = data.subset(distributed.shard(len(data)))
+    for x, _, _ in BoxLoader(part, batch_size, mean=mean, std=std, device=device):
         with autocast(device, bf16):
             out_logits, out_boxes = model(x)
         logits.append(out_logits.float())
         boxes.append(out_boxes.float())
     model.train(was_training)
-    return torch.cat(logits).cpu(), torch.cat(boxes).cpu()
+    return distributed.gather_cat(torch.cat(logits)), distributed.gather_cat(torch.cat(boxes))
 
 
 def box_metrics(logits: Tensor, pred: Tensor, labels: Tensor, boxes: Tensor, balance: float, kind: str,
@@ -299,14 +302,14 @@ def evaluate_box_model(model: BoxModel, info: dict[str, Any], data: BoxDataset, 
                        batch_size: int = 256, bf16: bool = False, picture: Path | None = None, samples: int = 32
                        ) -> dict[str, float]:
     """The figures of `split` (prefixed), and with `picture` a grid of `samples` images spread over the split,
-    true and predicted boxes drawn."""
+    true and predicted boxes drawn (by rank 0). Under torchrun every rank must call it."""
     if data.classes != info["classes"]:
         raise VitkitError(f"the data's classes {data.classes[:5]}... differ from the checkpoint's "
                           f"{info['classes'][:5]}...: use the data set the model was trained on")
     logits, pred = predict_boxes(model, data, info["mean"], info["std"], device, batch_size, bf16)
     metrics = box_metrics(logits, pred, data.labels, data.boxes, info["loss_balance"], info["box_loss"],
                           f"{split}_" if split else "")
-    if picture is not None and samples > 0:
+    if picture is not None and samples > 0 and distributed.is_main():
         shown = torch.linspace(0, len(data) - 1, min(samples, len(data))).round().long().unique()
         plot_box_predictions(
             data.images[shown], data.boxes[shown], pred[shown], data.labels[shown].tolist(),
@@ -319,22 +322,28 @@ def evaluate_box_model(model: BoxModel, info: dict[str, Any], data: BoxDataset, 
 
 
 class BoxTrainer:
-    """Owns a run folder; `fit()` trains (or resumes) to the last epoch and writes the summary."""
+    """Owns a run folder; `fit()` trains (or resumes) to the last epoch and writes the summary.
+
+    Under torchrun the ranks train one model with DistributedDataParallel, as `vitkit train` does: --batch-size is
+    the global batch, evaluation is sharded, rank 0 alone writes the run folder."""
 
     def __init__(self, cfg: BoxTrainConfig, out_dir: str | Path, progress: bool = True):
         self.cfg = cfg
         self.out = Path(out_dir)
-        self.progress = progress
-        self.device = select_device(cfg.device)
-        torch.manual_seed(cfg.seed)
+        self.progress = progress and distributed.is_main()
+        self.device = distributed.setup(select_device(cfg.device))
+        rank, world_size = distributed.world()
+        local_batch = distributed.local_batch(cfg.batch_size)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.data = prepare_box_data(cfg)
         if cfg.batch_size > len(self.data.train):
             raise VitkitError(f"{len(self.data.train)} training images are fewer than one batch: lower --batch-size")
         self.model = build_box_model(cfg, self.data.train).to(self.device)
-        self.loader = BoxLoader(
-            self.data.train, cfg.batch_size, mean=self.data.mean, std=self.data.std, device=self.device, shuffle=True,
-            drop_last=len(self.data.train) >= 2 * cfg.batch_size, augment=BoxAugment(cfg.augment_config()), seed=cfg.seed,
-        )
+        # self.model stays the bare module (checkpoints, evaluation); training steps go through self.forward.
+        self.forward = torch.nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+        ) if world_size > 1 else self.model
+        self.loader = self.train_loader(local_batch, rank, world_size)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         # Per-step warmup (and cosine) from vitkit.train.optim; with `plateau` the per-step scheduler only warms up,
         # then ReduceLROnPlateau owns the rate (stepping both would let the first undo the second's drops).
@@ -348,6 +357,14 @@ class BoxTrainer:
         self.best_score = (-1.0, -1.0)
         self.best_epoch = 0
         self.history: list[dict[str, Any]] = []
+
+    def train_loader(self, batch_size: int, rank: int = 0, world_size: int = 1) -> BoxLoader:
+        """This rank's share of the shuffled, augmented training batches."""
+        return BoxLoader(
+            self.data.train, batch_size, mean=self.data.mean, std=self.data.std, device=self.device, shuffle=True,
+            drop_last=len(self.data.train) >= 2 * self.cfg.batch_size, augment=BoxAugment(self.cfg.augment_config()),
+            seed=self.cfg.seed, rank=rank, world_size=world_size,
+        )
 
     def model_info(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """What a checkpoint needs to be used on its own."""
@@ -372,6 +389,12 @@ class BoxTrainer:
         }
 
     def save(self, metrics: dict[str, Any], is_best: bool) -> None:
+        """Rank 0 writes the checkpoints; the other ranks wait until they are complete."""
+        if distributed.is_main():
+            self.write_checkpoints(metrics, is_best)
+        distributed.barrier()
+
+    def write_checkpoints(self, metrics: dict[str, Any], is_best: bool) -> None:
         # The state file goes first: the weights files are what users read, the state is what resume reads.
         save_state(self.out / "state.pt", {
             "epoch": self.epoch,
@@ -409,14 +432,13 @@ class BoxTrainer:
         cfg, loader = self.cfg, self.loader
         loader.set_epoch(self.epoch)
         self.model.train()
-        # loss, ce, box loss, correct, IoU: summed on the device, no host synchronisation per step.
-        sums = torch.zeros(5, device=self.device)
-        seen = 0
+        # loss, ce, box loss, correct, IoU, images: summed on the device, no host synchronisation per step.
+        sums = torch.zeros(6, device=self.device)
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not self.progress, leave=False)
         for x, y, b in bar:
             with autocast(self.device, cfg.bf16):
-                logits, pred = self.model(x)
+                logits, pred = self.forward(x)
             loss, ce, bl = task_loss(logits, pred, y, b, self.balance, cfg.box_loss)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -427,9 +449,11 @@ class BoxTrainer:
                 self.scheduler.step()
             with torch.no_grad():
                 n = len(x)
-                sums += torch.stack([loss * n, ce * n, bl * n, (logits.argmax(1) == y).sum(), box_iou(pred, b).sum()])
-            seen += len(x)
-        loss, ce, bl, correct, iou = (sums / seen).tolist()
+                sums[:5] += torch.stack([loss * n, ce * n, bl * n, (logits.argmax(1) == y).sum(), box_iou(pred, b).sum()])
+                sums[5] += n
+        # Summed over the ranks in one collective: the figures of the global batches.
+        *totals, seen = distributed.all_reduce_sum(sums).tolist()
+        loss, ce, bl, correct, iou = (t / seen for t in totals)
         elapsed = time.perf_counter() - start
         if not torch.isfinite(torch.tensor(loss)):
             raise VitkitError(
@@ -446,14 +470,15 @@ class BoxTrainer:
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Trains to the last epoch (measuring the loss balance first where it is `auto`) and writes the summary."""
-        self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             self.restore()
-        else:
+        elif distributed.is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
             write_json(self.out / "config.json", self.cfg.to_dict())
         if self.balance is None:
-            self.balance = measure_loss_balance(self.model, self.loader, self.cfg.box_loss, self.cfg.balance_batches,
-                                                self.device, self.cfg.bf16)
+            # Measured by every rank on the first global batches, so all ranks (and a single process) agree on C.
+            self.balance = measure_loss_balance(self.model, self.train_loader(self.cfg.batch_size), self.cfg.box_loss,
+                                                self.cfg.balance_batches, self.device, self.cfg.bf16)
             if self.progress:
                 tqdm.write(f"loss balance C = {self.balance:.4g}: CE/C equals the {self.cfg.box_loss} box loss at the start")
         started = time.perf_counter()
@@ -477,7 +502,8 @@ class BoxTrainer:
             if self.progress:
                 tqdm.write(f"epoch {self.epoch}/{self.cfg.epochs} " + " ".join(
                     f"{k}={v:.4g}" for k, v in row.items() if k != "epoch" and not k.endswith(("_ce", "box_loss"))))
-        plot_learning_curves(self.history, self.out / "curves.png", metrics=("loss", "accuracy", "iou_mean"))
+        if distributed.is_main():
+            plot_learning_curves(self.history, self.out / "curves.png", metrics=("loss", "accuracy", "iou_mean"))
         return self.finish(time.perf_counter() - started)
 
     def finish(self, seconds: float) -> dict[str, Any]:
@@ -499,6 +525,7 @@ class BoxTrainer:
             "best_epoch": self.best_epoch,
             "train_seconds_this_session": round(seconds, 2),
             "train_images_per_second": self.history[-1]["images_per_second"],
+            "processes": distributed.world()[1],
         }
         for split, data in (("val", self.data.val), ("test", self.data.test)):
             if data is not None:
@@ -509,7 +536,8 @@ class BoxTrainer:
             d.skipped for d in (self.data.val, self.data.test) if d is not None)
         summary["iou_measured_on"] = IOU_NOTE
         summary["checkpoint"] = str(self.out / "best.safetensors")
-        write_json(self.out / "summary.json", summary)
+        if distributed.is_main():
+            write_json(self.out / "summary.json", summary)
         return summary
 
 

@@ -42,6 +42,10 @@ class TrainConfig:
     pretrained: str | None = option(None, "timm/HF weights: a local file or a hub name (e.g. "
                                         "deit_tiny_patch16_224.fb_in1k); the weights' shape overrides the "
                                         "preset's, which then only gives defaults")
+    spt: bool = option(False, "Shifted Patch Tokenization (Lee et al. 2021): each patch also sees the image shifted by "
+                              "half a patch in the 4 diagonal directions (5x wider patch projection); from scratch only")
+    lsa: bool = option(False, "Locality Self-Attention (Lee et al. 2021): a learned softmax temperature per head and no "
+                              "attention of a token to itself; from scratch only")
     freeze_blocks: int = option(0, "with --pretrained: freeze the patch/position embeddings, class token and the "
                                  "first N blocks (seed 001: 6; 0: none)")
     # optimisation
@@ -73,6 +77,10 @@ class TrainConfig:
     random_erasing: float = option(0.0, "random erasing probability")
     mixup: float = option(0.0, "mixup alpha (0: off)")
     cutmix: float = option(0.0, "cutmix alpha (0: off)")
+    patch_dropout: float = option(0.0, "PatchDropout (Liu et al. 2022): share of the patch tokens each training "
+                                       "image drops, a random subset per image (class token kept; "
+                                       "evaluation sees all; steps cost about 1 − p; 0: off; e.g. "
+                                       "0.25-0.5; ViTs only, not with --ablation)")
     # training on ablations (the base model of a smoothed classifier, `vitkit certify`)
     ablation: str | None = option(None, "train on one random ablation per image: column, row or block (default: off)")
     ablation_size: int = option(4, "ablation band width b in pixels (columns/rows kept, or the block side)")
@@ -108,7 +116,9 @@ class TrainConfig:
             self.resized_crop_scale = [float(s) for s in self.resized_crop_scale]
         if self.teacher and self.distill is None:
             self.distill = "soft"
-        vit_only = [f"--{n.replace('_', '-')}" for n in VIT_OPTIONS if getattr(self, n) is not None]
+        # None (and False for the on/off options): not given.
+        given = [n for n in VIT_OPTIONS if getattr(self, n) is not None and getattr(self, n) is not False]
+        vit_only = [f"--{n.replace('_', '-')}" for n in given]
         checks = [
             (self.epochs > 0, "--epochs must be positive"),
             (self.batch_size > 0, "--batch-size must be positive"),
@@ -119,6 +129,9 @@ class TrainConfig:
             (0 <= self.ema < 1, "--ema must lie in [0, 1)"),
             (0 < self.layer_decay <= 1, "--layer-decay must lie in (0, 1] (1: off)"),
             (self.freeze_blocks >= 0, "--freeze-blocks must be 0 (none) or a positive number of blocks"),
+            (not self.pretrained or not (self.spt or self.lsa),
+             "--spt and --lsa change the patch embedding and attention of a plain ViT, which timm/Hugging Face weights "
+             "do not have: train from scratch (drop --pretrained), or drop --spt/--lsa"),
             (self.pretrained or not self.freeze_blocks,
              "--freeze-blocks keeps pre-trained blocks fixed: give --pretrained weights, or drop it"),
             (self.ablation in (None, "column", "row", "block"),
@@ -148,6 +161,13 @@ class TrainConfig:
              "--distill hard does not combine with --ablation (the ablated forward has one head): use --distill soft"),
             (0 <= self.distill_alpha <= 1, "--distill-alpha must lie in [0, 1] (the weight of the distillation term)"),
             (0 < self.distill_temperature < float("inf"), "--distill-temperature must be positive, e.g. 3"),
+            (0 <= self.patch_dropout < 1,
+             "--patch-dropout (the share of patch tokens dropped per training image) must lie in [0, 1), e.g. 0.5"),
+            (self.model != "resnet18" or not self.patch_dropout,
+             "--patch-dropout drops a ViT's patch tokens, which --model resnet18 has not: drop it"),
+            (not (self.patch_dropout and self.ablation),
+             "--patch-dropout does not combine with --ablation (training on ablations already drops the masked "
+             "tokens): use one of them"),
         ]
         for ok, message in checks:
             if not ok:
@@ -159,7 +179,8 @@ class TrainConfig:
 
 SCHEDULES = ("cosine", "step", "multistep", "constant")
 # Options that shape a ViT and mean nothing for --model resnet18.
-VIT_OPTIONS = ("patch_size", "dim", "depth", "heads", "mlp_dim", "pos_embed", "pool", "dropout", "drop_path", "pretrained")
+VIT_OPTIONS = ("patch_size", "dim", "depth", "heads", "mlp_dim", "pos_embed", "pool", "dropout", "drop_path", "pretrained",
+               "spt", "lsa")
 
 # Named recipes: documented sets of overrides of the defaults above.
 RECIPES: dict[str, dict[str, Any]] = {

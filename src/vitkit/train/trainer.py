@@ -46,6 +46,7 @@ from vitkit.train.config import TrainConfig
 from vitkit.train.distill import Distiller, load_teacher
 from vitkit.train.evaluate import FlipAveraged, autocast, classification_metrics, predict_dataset
 from vitkit.train.optim import EMA, build_optimizer, build_scheduler
+from vitkit.train.patch_dropout import PatchDropped
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -110,6 +111,8 @@ def build_model(cfg: TrainConfig, data: ImageDataset) -> torch.nn.Module:
         dropout=cfg.dropout,
         drop_path=cfg.drop_path,
         distill_token=cfg.distill == "hard",
+        shifted_patches=cfg.spt,
+        locality_attention=cfg.lsa,
     ))
     if cfg.distill == "hard" and not model.cfg.distill_token:
         raise VitkitError(
@@ -161,9 +164,7 @@ class Trainer:
         self.progress = progress and distributed.is_main()
         self.device = distributed.setup(select_device(cfg.device))
         rank, world_size = distributed.world()
-        if cfg.batch_size % world_size:
-            raise VitkitError(f"--batch-size {cfg.batch_size} is the global batch and does not divide evenly among "
-                              f"{world_size} processes: pass a multiple of {world_size}")
+        local_batch = distributed.local_batch(cfg.batch_size)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
 
         # ImageFolder sources are resized to the preset's size (the pre-trained weights') unless told otherwise; for a
@@ -190,6 +191,11 @@ class Trainer:
         )
         if self.ablation:  # one random ablation per image, fully masked tokens dropped (a CNN sees whole images)
             self.forward = RandomlyAblated(self.forward, self.ablation, patch_size=token_size(self.model))
+        # PatchDropout: each training image keeps a random subset of its patch tokens, drawn once per step
+        # (`resample`) from a (seed, epoch, rank) stream; evaluation goes through self.model and sees them all.
+        self.patch_dropout = self.build_patch_dropout(rank) if cfg.patch_dropout else None
+        if self.patch_dropout is not None:
+            self.forward = self.patch_dropout
         # Attacks target the plain model: a compiled one would recompile at each eval/train switch.
         self.adversary = Adversary(
             self.model, self.data.mean, self.data.std, attack=cfg.adv, eps=cfg.eps, steps=cfg.adv_steps,
@@ -202,7 +208,7 @@ class Trainer:
         self.distiller = self.build_distiller() if cfg.distill else None
 
         self.train_loader = DeviceLoader(
-            self.data.train, cfg.batch_size // world_size, mean=self.data.mean, std=self.data.std, device=self.device,
+            self.data.train, local_batch, mean=self.data.mean, std=self.data.std, device=self.device,
             shuffle=True, drop_last=len(self.data.train) >= 2 * cfg.batch_size,
             augment=Augment(augment_config(cfg), self.data.train.num_classes), seed=cfg.seed,
             rank=rank, world_size=world_size,
@@ -216,6 +222,14 @@ class Trainer:
         self.best_score = (-1.0, 0.0)
         self.best_epoch = 0
         self.history: list[dict[str, Any]] = []
+
+    def build_patch_dropout(self, rank: int) -> PatchDropped | None:
+        """The --patch-dropout wrapper of the training forward; None where K = N (nothing would be dropped)."""
+        if not isinstance(self.model, VisionTransformer):  # the config refuses resnet18; this guards the rest
+            raise VitkitError("--patch-dropout drops a ViT's patch tokens: use a ViT --model, or drop it")
+        wrapped = PatchDropped(self.forward, self.model.cfg.num_patches, self.cfg.patch_dropout, seed=self.cfg.seed,
+                               rank=rank, device=self.device)
+        return wrapped if wrapped.count < wrapped.num_patches else None
 
     def build_distiller(self) -> Distiller:
         """The --teacher, frozen on the device (compiled with the student under --compile), and the loss."""
@@ -289,6 +303,8 @@ class Trainer:
     def train_epoch(self) -> dict[str, float]:
         cfg, loader = self.cfg, self.train_loader
         loader.set_epoch(self.epoch)
+        if self.patch_dropout is not None:
+            self.patch_dropout.set_epoch(self.epoch)
         self.model.train()
         # Sums stay on the device: no host synchronisation per step.
         loss_sum = torch.zeros((), device=self.device)
@@ -299,7 +315,9 @@ class Trainer:
         refresh = cfg.log_every or max(1, len(loader) // 10)
         for step, (x, y) in enumerate(bar):
             if self.adversary:
-                x = self.adversary(x, y)
+                x = self.adversary(x, y)  # against the whole-image model, as `vitkit attack` evaluates it
+            if self.patch_dropout is not None:
+                self.patch_dropout.resample(len(x))  # one draw for every forward of the step (TRADES has two)
             with autocast(self.device, cfg.bf16):
                 if self.distiller:
                     loss, logits = self.distiller(self.forward, x, y)
