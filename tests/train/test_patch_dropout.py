@@ -1,5 +1,5 @@
 """PatchDropout training (`--patch-dropout`): what the training and the evaluation forward see, one step by hand,
-resume, the p = 0 identity, the config errors, and that it learns."""
+the p = 0 identity, the config errors, and that it learns."""
 
 import copy
 import json
@@ -135,37 +135,6 @@ def test_trades_forwards_share_the_steps_draw_and_the_attack_sees_whole_images(t
     kept = [keep for _, keep in calls if keep is not None]
     assert len(kept) == 2 and torch.equal(kept[0], kept[1])  # the clean and the adversarial forward
     assert any(keep is None for _, keep in calls)  # TRADES's attack, on the whole-image model
-
-
-@pytest.mark.parametrize("extra", [{"dropout": 0.1, "drop_path": 0.1, "mixup": 0.2, "crop_padding": 1, "ema": 0.9},
-                                   {"adv": "trades", "eps": 0.1, "adv_steps": 1, "adv_step_size": 0.1}],
-                         ids=["augmented", "trades"])
-def test_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch, extra):
-    cfg = tiny_config(epochs=2, **extra)
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    train(cfg, straight, progress=False)
-
-    original = Trainer.train_epoch
-    calls = {"n": 0}
-
-    def stop_in_second_epoch(self):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_epoch", stop_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, stopped, progress=False)
-    monkeypatch.setattr(Trainer, "train_epoch", original)
-    train(cfg, stopped, resume=True, progress=False)
-
-    a, b = load_file(straight / "last.safetensors"), load_file(stopped / "last.safetensors")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    losses = [[json.loads(l)["train_loss"] for l in (d / "history.jsonl").read_text().splitlines()]
-              for d in (straight, stopped)]
-    assert losses[0] == losses[1] and len(losses[0]) == 2
 
 
 def test_zero_is_off_bit_for_bit(tmp_path):

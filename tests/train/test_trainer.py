@@ -21,8 +21,10 @@ def tiny_config(**overrides) -> TrainConfig:
     "extra",
     [{}, {"ablation": "column", "ablation_size": 2},
      {"adv": "trades", "eps": 0.1, "adv_steps": 1, "adv_step_size": 0.1},
-     {"distill": "hard", "teacher": "digits_teacher", "dim": 32, "depth": 2, "heads": 2, "mlp_dim": 64}],
-    ids=["whole", "ablated", "trades", "distilled"],
+     {"distill": "hard", "teacher": "digits_teacher", "dim": 32, "depth": 2, "heads": 2, "mlp_dim": 64},
+     {"patch_dropout": 0.3}, {"patch_dropout": 0.3, "adv": "trades", "eps": 0.1, "adv_steps": 1, "adv_step_size": 0.1},
+     {"spt": True, "lsa": True}],
+    ids=["whole", "ablated", "trades", "distilled", "patch-dropout", "patch-dropout-trades", "spt-lsa"],
 )
 def test_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch, request, extra):
     if "teacher" in extra:  # a fixture's run folder
