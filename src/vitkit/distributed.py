@@ -8,6 +8,7 @@ result is in the data set's order and equal to the single-process one.
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -56,6 +57,9 @@ def shutdown() -> None:
     """Waits for every rank (rank 0 may still be writing files) and leaves the process group."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+        # Free what still holds the group (a DDP module and its reducer in a reference cycle) while the interpreter
+        # is alive: released during its finalisation instead, Gloo's threads can abort the process (SIGABRT).
+        gc.collect()
         dist.destroy_process_group()
 
 
