@@ -96,25 +96,26 @@ def config_from_flags(args: argparse.Namespace, config_class: type, new: Callabl
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from vitkit import distributed
     from vitkit.train import TrainConfig, build_config, train
 
     cfg, out = config_from_flags(args, TrainConfig, lambda flags: build_config(args.recipe, None, flags))
-    out = out or Path(args.out or f"runs/{Path(cfg.data).name.split('.')[0]}-{cfg.model}")
-    summary = train(cfg, out, resume=bool(args.resume), progress=not args.quiet)
-    if distributed.is_main():
-        print_summary(summary, out)
-    return 0
+    return run_training(args, train, cfg, out, f"runs/{Path(cfg.data).name.split('.')[0]}-{cfg.model}")
 
 
 def cmd_train_boxes(args: argparse.Namespace) -> int:
     """Seed 001: a class and a bounding box per image, on a ViT or ResNet-18 backbone."""
-    from vitkit import distributed
     from vitkit.train.boxes import BoxTrainConfig, train_boxes
 
     cfg, out = config_from_flags(args, BoxTrainConfig, lambda flags: BoxTrainConfig(**flags))
-    out = out or Path(args.out or f"runs/{Path(cfg.data).name.split('.')[0]}-boxes-{cfg.backbone}")
-    summary = train_boxes(cfg, out, resume=bool(args.resume), progress=not args.quiet)
+    return run_training(args, train_boxes, cfg, out, f"runs/{Path(cfg.data).name.split('.')[0]}-boxes-{cfg.backbone}")
+
+
+def run_training(args: argparse.Namespace, train, cfg, resumed: Path | None, default_out: str) -> int:
+    """Trains into --out (else `default_out`), or resumes the run folder `resumed`; rank 0 prints the summary."""
+    from vitkit import distributed
+
+    out = resumed or Path(args.out or default_out)
+    summary = train(cfg, out, resume=bool(args.resume), progress=not args.quiet)
     if distributed.is_main():
         print_summary(summary, out)
     return 0

@@ -38,7 +38,7 @@ from vitkit.models.vit import num_parameters
 from vitkit.plots import plot_box_predictions, plot_learning_curves
 from vitkit.train.config import option
 from vitkit.train.checkpoint import (
-    load_state, load_weights, read_info, resolve_checkpoint, restore_rng_state, rng_state, save_model, save_state,
+    load_state, load_weights, read_info, resolve_checkpoint, restore_rng_state, rng_state, save_run,
     write_json,
 )
 from vitkit.train.evaluate import autocast
@@ -389,14 +389,7 @@ class BoxTrainer:
         }
 
     def save(self, metrics: dict[str, Any], is_best: bool) -> None:
-        """Rank 0 writes the checkpoints; the other ranks wait until they are complete."""
-        if distributed.is_main():
-            self.write_checkpoints(metrics, is_best)
-        distributed.barrier()
-
-    def write_checkpoints(self, metrics: dict[str, Any], is_best: bool) -> None:
-        # The state file goes first: the weights files are what users read, the state is what resume reads.
-        save_state(self.out / "state.pt", {
+        state = {
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -407,12 +400,8 @@ class BoxTrainer:
             "best_score": torch.tensor(self.best_score, dtype=torch.float64),
             "best_epoch": self.best_epoch,
             "history": json.dumps(self.history),
-        })
-        info = self.model_info(metrics)
-        save_model(self.out / "last.safetensors", self.model.state_dict(), info)
-        if is_best:
-            save_model(self.out / "best.safetensors", self.model.state_dict(), info)
-        (self.out / "history.jsonl").write_text("".join(json.dumps(row) + "\n" for row in self.history))
+        }
+        save_run(self.out, state, self.model.state_dict(), self.model_info(metrics), self.history, is_best)
 
     def restore(self) -> None:
         state = load_state(self.out / "state.pt")

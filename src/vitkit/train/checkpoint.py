@@ -154,6 +154,21 @@ def save_state(path: str | Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def save_run(out: Path, state: dict[str, Any], weights: dict[str, torch.Tensor], info: dict[str, Any],
+             history: list[dict[str, Any]], is_best: bool) -> None:
+    """A run folder's files after an epoch, written by rank 0 while the other ranks wait: state.pt first (what
+    --resume reads), then last.safetensors (and best.safetensors) with `info`, and history.jsonl."""
+    from vitkit import distributed
+
+    if distributed.is_main():
+        save_state(out / "state.pt", state)
+        save_model(out / "last.safetensors", weights, info)
+        if is_best:
+            save_model(out / "best.safetensors", weights, info)
+        (out / "history.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
+    distributed.barrier()
+
+
 def load_state(path: str | Path) -> dict[str, Any]:
     # weights_only=True: a state file is never unpickled as arbitrary objects.
     try:

@@ -39,8 +39,8 @@ from vitkit.models import (
 from vitkit.plots import plot_learning_curves
 from vitkit.smoothing import Ablation, RandomlyAblated
 from vitkit.train.checkpoint import (
-    build_from_info, describe_model, load_model, load_state, load_weights, restore_rng_state, rng_state, save_model,
-    save_state, write_json,
+    build_from_info, describe_model, load_model, load_state, load_weights, restore_rng_state, rng_state, save_run,
+    write_json,
 )
 from vitkit.train.config import TrainConfig
 from vitkit.train.distill import Distiller, load_teacher
@@ -261,14 +261,7 @@ class Trainer:
         return self.ema.shadow if self.ema else self.model.state_dict()
 
     def save(self, metrics: dict[str, Any], is_best: bool) -> None:
-        """Rank 0 writes the checkpoints; the other ranks wait until they are complete."""
-        if distributed.is_main():
-            self.write_checkpoints(metrics, is_best)
-        distributed.barrier()
-
-    def write_checkpoints(self, metrics: dict[str, Any], is_best: bool) -> None:
-        # The state file goes first: the weights files are what users read, the state is what resume reads.
-        save_state(self.out / "state.pt", {
+        state = {
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "ema": self.ema.shadow if self.ema else None,
@@ -278,12 +271,8 @@ class Trainer:
             "best_score": torch.tensor(self.best_score, dtype=torch.float64),
             "best_epoch": self.best_epoch,
             "history": json.dumps(self.history),
-        })
-        info = self.model_info(metrics)
-        save_model(self.out / "last.safetensors", self.eval_state_dict(), info)
-        if is_best:
-            save_model(self.out / "best.safetensors", self.eval_state_dict(), info)
-        (self.out / "history.jsonl").write_text("".join(json.dumps(row) + "\n" for row in self.history))
+        }
+        save_run(self.out, state, self.eval_state_dict(), self.model_info(metrics), self.history, is_best)
 
     def restore(self) -> None:
         state = load_state(self.out / "state.pt")
