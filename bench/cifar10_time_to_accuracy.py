@@ -24,35 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-from common import RESULTS, device_and_sync, environment, save_report
+from common import RESULTS, device_and_sync, environment, parse_sets, save_report
 from vitkit.train import build_config
 from vitkit.train.evaluate import classification_metrics, predict_dataset
 from vitkit.train.trainer import Trainer
-
-
-def parse_value(text: str):
-    """A number (YAML reads 3e-3 as a string), else YAML: true, [0.8, 1.0], a name."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        return yaml.safe_load(text)
-
-
-def parse_sets(items: list[str]) -> dict:
-    """KEY=VALUE pairs: `--set lr=3e-3 --set trivial_augment=true`."""
-    values = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r} is not KEY=VALUE")
-        values[key.replace("-", "_")] = parse_value(value)
-    return values
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> dict:

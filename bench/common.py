@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import yaml
 
 import vitkit
 
@@ -61,3 +62,26 @@ def save_report(report: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"saved {out}")
+
+
+def parse_value(text: str):
+    """A number (YAML reads 3e-3 as a string), else YAML: true, [0.8, 1.0], a name."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return yaml.safe_load(text)
+
+
+def parse_sets(items: list[str]) -> dict:
+    """KEY=VALUE pairs: `--set lr=3e-3 --set trivial_augment=true`."""
+    values = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r} is not KEY=VALUE")
+        values[key.replace("-", "_")] = parse_value(value)
+    return values

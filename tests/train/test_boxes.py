@@ -147,9 +147,30 @@ def test_a_resnet18_backbone_trains_and_reloads(small_squares, tmp_path):
     (dict(schedule="step"), "unknown schedule"),
     (dict(crop_scale=[0.9, 0.1]), "crop scale"),
     (dict(select_by="loss"), "unknown --select-by"),
+    (dict(layer_decay=0.0), "--layer-decay must lie in"),
+    (dict(drop_path=1.0), "--drop-path must lie in"),
+    (dict(backbone="resnet18", layer_decay=0.75), "apply to ViT backbones"),
 ])
 def test_bad_options_are_user_errors(options, message):
     with pytest.raises(VitkitError, match=message):
         BoxTrainConfig(data="x", **options)
     with pytest.raises(VitkitError, match="--data is required"):
         BoxTrainConfig()
+
+
+def test_layer_decay_scales_the_backbone_blocks_and_keeps_the_heads_at_the_peak_rate(small_squares, tmp_path):
+    cfg = resume_config(small_squares, layer_decay=0.5, drop_path=0.2, lr=0.1)  # TINY_VIT: 2 blocks
+    trainer = BoxTrainer(cfg, tmp_path, progress=False)
+    lr = {id(p): g["initial_lr"] for g in trainer.optimizer.param_groups for p in g["params"]}  # before warmup
+    names = dict(trainer.model.named_parameters())
+    assert len(lr) == len(names)
+    for name, p in names.items():  # the rate BEiT's rule gives each layer, written out by hand
+        if name.startswith(("classifier.", "regressor.", "backbone.norm.")):
+            expected = 0.1
+        elif name.startswith("backbone.blocks."):
+            expected = 0.1 * 0.5 ** (2 - int(name.split(".")[2]))
+        else:  # patch and position embeddings, class token
+            expected = 0.1 * 0.5**3
+        assert lr[id(p)] == pytest.approx(expected), name
+    rates = [block.drop_path.p for block in trainer.model.backbone.blocks]
+    assert rates == pytest.approx([0.0, 0.2])  # stochastic depth rises to --drop-path at the last block

@@ -90,19 +90,21 @@ class BoxModel(nn.Module):
 
 def vit_backbone(
     model: str = "vit_tiny", *, image_size: int, pretrained: str | Path | None = None, patch_size: int | None = None,
-    in_channels: int = 3, freeze: int = 0, **shape: Any,
+    in_channels: int = 3, freeze: int = 0, drop_path: float = 0.0, **shape: Any,
 ) -> VisionTransformer:
     """A headless ViT: the `pretrained` timm/Hugging Face weights (a file, folder or hub name; position embeddings
     resampled to `image_size`, the patch projection to `patch_size`), else a fresh `model` preset with the `shape`
-    overrides (dim, depth, heads, mlp_dim); the embeddings and first `freeze` blocks frozen."""
+    overrides (dim, depth, heads, mlp_dim); stochastic depth up to `drop_path`; the embeddings and first `freeze`
+    blocks frozen."""
     if pretrained:
-        vit = load_pretrained(pretrained, num_classes=0, image_size=image_size, patch_size=patch_size)
+        vit = load_pretrained(pretrained, num_classes=0, image_size=image_size, patch_size=patch_size,
+                              drop_path=drop_path)
         if vit.cfg.in_channels != in_channels:
             raise VitkitError(f"the pre-trained ViT takes {vit.cfg.in_channels}-channel images, the data has "
                               f"{in_channels}: use data with {vit.cfg.in_channels} channels")
     else:
         vit = VisionTransformer(preset_config(model, num_classes=0, image_size=image_size, patch_size=patch_size,
-                                              in_channels=in_channels, **shape))
+                                              in_channels=in_channels, drop_path=drop_path, **shape))
     freeze_blocks(vit, freeze)
     return vit
 

@@ -20,7 +20,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,7 @@ class BoxTrainConfig:
     heads: int | None = option(None, "vit from scratch: override the preset's attention heads")
     mlp_dim: int | None = option(None, "vit from scratch: override the preset's MLP width")
     freeze_blocks: int = option(0, "vit with --pretrained: freeze the embeddings and the first N blocks (seed 001: 6)")
+    drop_path: float = option(0.0, "vit: stochastic depth rate of the last block (rising linearly from 0 at the first)")
     cifar_stem: bool = option(False, "resnet18: 3x3 stride-1 stem without max-pool, for images of about 32 pixels")
     hidden: int = option(512, "hidden width of the classifier and box-regressor MLPs")
     head_dropout: float = option(0.2, "dropout in the two head MLPs")
@@ -91,6 +92,8 @@ class BoxTrainConfig:
     optimizer: str = option("adamw", "adamw or sgd")
     lr: float = option(1e-4, "peak learning rate")
     weight_decay: float = option(0.0, "weight decay of matrices (0 with adamw: Adam, as seed 001)")
+    layer_decay: float = option(1.0, "vit: layer-wise learning-rate decay, block i (from 0) of L at lr·decay^(L-i), "
+                                     "the heads at lr (1: off)")
     momentum: float = option(0.9, "SGD momentum (Nesterov)")
     schedule: str = option("cosine", "cosine (after warmup), constant, or plateau (ReduceLROnPlateau on the "
                                    "validation loss, after warmup)")
@@ -112,9 +115,6 @@ class BoxTrainConfig:
     eval_batch_size: int = option(256, "batch size for validation and test")
     select_by: str = option("accuracy", "best checkpoint by validation accuracy then mean IoU (accuracy), or by mean "
                                       "IoU then accuracy (iou)")
-
-    # Layer-wise learning-rate decay needs a bare ViT's parameter names (vitkit.train.optim): not offered here.
-    layer_decay: ClassVar[float] = 1.0
 
     def __post_init__(self) -> None:
         self.loss_balance = str(self.loss_balance)
@@ -139,6 +139,10 @@ class BoxTrainConfig:
             (0 <= self.val_fraction < 1, "--val-fraction must lie in [0, 1)"),
             (0 < self.plateau_factor < 1, "--plateau-factor must lie in (0, 1)"),
             (self.freeze_blocks >= 0, "--freeze-blocks must be 0 (none) or a positive number of blocks"),
+            (0 < self.layer_decay <= 1, "--layer-decay must lie in (0, 1] (1: off)"),
+            (0 <= self.drop_path < 1, "--drop-path must lie in [0, 1)"),
+            (self.backbone == "vit" or (self.layer_decay == 1 and not self.drop_path),
+             "--layer-decay and --drop-path apply to ViT backbones: drop them with --backbone resnet18"),
             (not self.freeze_blocks or (self.backbone == "vit" and self.pretrained),
              "--freeze-blocks keeps pre-trained ViT blocks fixed: use --backbone vit with --pretrained, or drop it"),
             (not (shape and (self.pretrained or self.backbone != "vit")),
@@ -279,7 +283,7 @@ def build_box_model(cfg: BoxTrainConfig, data: BoxDataset) -> BoxModel:
         backbone = vit_backbone(
             cfg.model, image_size=cfg.image_size, pretrained=cfg.pretrained, patch_size=cfg.patch_size,
             in_channels=data.channels, freeze=cfg.freeze_blocks, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
-            mlp_dim=cfg.mlp_dim,
+            mlp_dim=cfg.mlp_dim, drop_path=cfg.drop_path,
         )
         dim = backbone.cfg.dim
     else:

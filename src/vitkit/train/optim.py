@@ -20,19 +20,23 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
 
     Each group has an "lr_scale": layer_decay^(L + 1 - layer) for a ViT of L blocks, where the embeddings are
     layer 0, block i is layer i + 1 and the final norm and head layer L + 1 (layer-wise learning-rate decay,
-    BEiT's fine-tuning: the layers nearest the input change least). Without decay that is two groups,
+    BEiT's fine-tuning: the layers nearest the input change least). The ViT is the model itself or its
+    `backbone` (a box model), whose heads then count as layer L + 1. Without decay that is two groups,
     decayed first; otherwise a pair per layer. The head's come first, so param_groups[0] has the peak rate.
     """
-    if layer_decay != 1 and not hasattr(model, "blocks"):
-        raise VitkitError("layer-wise learning-rate decay needs a ViT (its blocks are the layers): drop --layer-decay")
-    depth = len(model.blocks) if layer_decay != 1 else 0  # without decay, any module: every scale is 1
+    depth, prefix = 0, ""  # without decay, any module: every scale is 1
+    if layer_decay != 1:
+        vit, prefix = (model, "") if hasattr(model, "blocks") else (getattr(model, "backbone", None), "backbone.")
+        if not hasattr(vit, "blocks"):
+            raise VitkitError("layer-wise learning-rate decay needs a ViT (its blocks are the layers): drop --layer-decay")
+        depth = len(vit.blocks)
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES
-        scale = layer_decay ** (depth + 1 - layer_index(name, depth))
-        groups.setdefault((scale, no_decay), []).append(p)
+        layer = layer_index(name.removeprefix(prefix), depth) if name.startswith(prefix) else depth + 1
+        groups.setdefault((layer_decay ** (depth + 1 - layer), no_decay), []).append(p)
     return [
         {"params": params, "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale}
         for (scale, no_decay), params in sorted(groups.items(), key=lambda item: (-item[0][0], item[0][1]))

@@ -1,0 +1,90 @@
+"""ASL letters (seed 001): class accuracy and box IoU of the classification + box head, one variant per call.
+
+A variant is the base configuration below with `--set` overrides, trained by `vitkit.train.boxes` into
+RUNS/NAME. The JSON (--out) keeps one entry per variant name, so variants measured in separate calls (or side by
+side, one thread each) gather in one file. A finished run folder whose configuration equals the requested one is
+reported again rather than retrained (the entry says so). Besides the run's validation and test figures, the
+best checkpoint is scored on the unaugmented training images: a small gap between the two says the model
+generalises as well as it fits, a large one that it memorises.
+
+Base: the DeiT-Ti weights, no frozen blocks, AdamW at 3e-4 with a 1-epoch warmup then cosine, 24 epochs of batch 32
+at 112 px, box-safe crops (area 0.6-1.0) and colour jitter 0.2, MSE with C balanced at the start, the best epoch by
+validation IoU.
+
+    PYTHONPATH=src python bench/asl_boxes.py --name mse-112 --device cpu
+    ... --name smooth-l1-224 --set image_size=224 --set box_loss=smooth_l1 --set epochs=30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from common import RESULTS, device_and_sync, environment, parse_sets, save_report
+from vitkit.train.boxes import BoxTrainConfig, evaluate_box_model, load_box_model, prepare_box_data, train_boxes
+
+BASE = dict(
+    backbone="vit", freeze_blocks=0, image_size=112, lr=3e-4, epochs=24, batch_size=32, warmup_epochs=1,
+    box_loss="mse", loss_balance="auto", crop_scale=[0.6, 1.0], brightness=0.2, contrast=0.2, saturation=0.2,
+    select_by="iou",
+)
+KEPT = ("best_epoch", "train_seconds_this_session", "train_images_per_second", "loss_balance", "parameters",
+        "trainable_parameters", "val_accuracy", "val_iou_mean", "val_iou50", "val_iou75", "val_iou90", "test_accuracy",
+        "test_iou_mean", "test_iou50", "test_iou75", "test_iou90")
+
+
+def finished_with(run: Path, cfg: BoxTrainConfig) -> bool:
+    """Whether `run` holds a finished run of exactly `cfg` (options added since it ran count at their defaults)."""
+    if not (run / "summary.json").is_file() or not (run / "config.json").is_file():
+        return False
+    stored = json.loads((run / "config.json").read_text())
+    known = {f.name for f in fields(BoxTrainConfig)}
+    return BoxTrainConfig(**{k: v for k, v in stored.items() if k in known}) == cfg
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", required=True, help="the variant's name: its run folder and its key in the JSON")
+    parser.add_argument("--data", default="../shared/datasets/asl-letters.tar.gz")
+    parser.add_argument("--pretrained", default="../shared/weights/deit_tiny_patch16_224.safetensors")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base option")
+    parser.add_argument("--runs", type=Path, default=Path("runs/asl-boxes"), help="run folders")
+    parser.add_argument("--out", type=Path, help="JSON (default bench/results/asl-boxes-<device>.json)")
+    args = parser.parse_args()
+
+    device, _ = device_and_sync(args.device)
+    overrides = parse_sets(args.set)
+    cfg = BoxTrainConfig(**{**BASE, "data": args.data, "pretrained": args.pretrained, "device": str(device),
+                            **overrides})
+    run = args.runs / args.name
+    reused = finished_with(run, cfg)
+    summary = json.loads((run / "summary.json").read_text()) if reused else train_boxes(cfg, run, progress=False)
+
+    start = time.perf_counter()
+    model, info = load_box_model(run, device)
+    train = prepare_box_data(cfg).train
+    fit = evaluate_box_model(model, info, train, "train", device, cfg.eval_batch_size, cfg.bf16)
+    print(f"{args.name}: val accuracy {summary.get('val_accuracy', float('nan')):.4f}, IoU ≥ 0.5/0.75/0.9 "
+          f"{summary.get('val_iou50', float('nan')):.3f} / {summary.get('val_iou75', float('nan')):.3f} / "
+          f"{summary.get('val_iou90', float('nan')):.3f}; training images (unaugmented) mean IoU "
+          f"{fit['train_iou_mean']:.3f} ({time.perf_counter() - start:.0f} s to score them)")
+
+    out = args.out or RESULTS / f"asl-boxes-{device.type}.json"
+    report = json.loads(out.read_text()) if out.is_file() else {"base": BASE, "variants": {}}
+    report["variants"][args.name] = {
+        **environment(device),
+        "overrides": overrides,
+        "from_existing_run": reused,
+        **{k: summary[k] for k in KEPT if k in summary},
+        **{k: v for k, v in fit.items() if k.startswith(("train_accuracy", "train_iou"))},
+        "config": cfg.to_dict(),
+    }
+    save_report(report, out)
+
+
+if __name__ == "__main__":
+    main()

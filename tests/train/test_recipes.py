@@ -1,0 +1,30 @@
+"""Every named recipe is a valid configuration whose model builds, and the recipes say what their comments say."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from vitkit.train.config import RECIPES, build_config
+from vitkit.train.trainer import build_model
+
+
+def data_like(size: int, channels: int) -> SimpleNamespace:
+    """What build_model reads of a data set: ten classes of square images."""
+    return SimpleNamespace(num_classes=10, channels=channels, image_size=(size, size))
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_builds_its_model(name):
+    cfg = build_config(name, None, {"teacher": "teacher-run"} if RECIPES[name].get("distill") else None)
+    model = build_model(cfg, data_like(8, 1) if name == "digits" else data_like(32, 3))
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_the_cpu_recipe_is_the_fast_recipe_scaled_down():
+    fast, cpu = build_config("cifar10-fast"), build_config("cifar10-cpu")
+    model = build_model(cpu, data_like(32, 3))
+    assert 0.8e6 < sum(p.numel() for p in model.parameters()) < 0.9e6  # "0.84M parameters"
+    assert model.cfg.shifted_patches and model.cfg.locality_attention and model.cfg.patch_size == 4
+    same = ("lr", "weight_decay", "label_smoothing", "drop_path", "trivial_augment", "tta_flip", "val_fraction")
+    assert all(getattr(cpu, k) == getattr(fast, k) for k in same)
+    assert not cpu.compile and cpu.batch_size == 128
