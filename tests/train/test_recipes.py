@@ -27,4 +27,4 @@ def test_the_cpu_recipe_is_the_fast_recipe_scaled_down():
     assert model.cfg.shifted_patches and model.cfg.locality_attention and model.cfg.patch_size == 4
     same = ("lr", "weight_decay", "label_smoothing", "drop_path", "trivial_augment", "tta_flip", "val_fraction")
     assert all(getattr(cpu, k) == getattr(fast, k) for k in same)
-    assert not cpu.compile and cpu.batch_size == 128
+    assert not cpu.compile and cpu.batch_size == 128 and cpu.patch_dropout == 0.5
