@@ -3,7 +3,9 @@
 from types import SimpleNamespace
 
 import pytest
+import torch
 
+from vitkit.models import VisionTransformer
 from vitkit.train.config import RECIPES, build_config
 from vitkit.train.trainer import build_model
 
@@ -16,8 +18,15 @@ def data_like(size: int, channels: int) -> SimpleNamespace:
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_every_recipe_builds_its_model(name):
     cfg = build_config(name, None, {"teacher": "teacher-run"} if RECIPES[name].get("distill") else None)
-    model = build_model(cfg, data_like(8, 1) if name == "digits" else data_like(32, 3))
-    assert sum(p.numel() for p in model.parameters()) > 0
+    size, channels = (8, 1) if name == "digits" else (32, 3)
+    model = build_model(cfg, data_like(size, channels)).eval()
+    assert isinstance(model, VisionTransformer) == (cfg.model != "resnet18")
+    if isinstance(model, VisionTransformer):
+        assert model.cfg.distill_token == (cfg.distill == "hard")
+        assert (model.cfg.shifted_patches, model.cfg.locality_attention) == (cfg.spt, cfg.lsa)
+    with torch.no_grad():
+        logits = model(torch.randn(2, channels, size, size))
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
 
 
 def test_the_cpu_recipe_is_the_fast_recipe_scaled_down():
