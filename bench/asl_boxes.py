@@ -20,10 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import fields
 from pathlib import Path
 
-from common import RESULTS, device_and_sync, environment, parse_sets, save_report
+from common import RESULTS, device_and_sync, environment, parse_sets, save_report, stored_config_equals
 from vitkit.train.boxes import BoxTrainConfig, evaluate_box_model, load_box_model, prepare_box_data, train_boxes
 
 BASE = dict(
@@ -34,15 +33,6 @@ BASE = dict(
 KEPT = ("best_epoch", "train_seconds_this_session", "train_images_per_second", "loss_balance", "parameters",
         "trainable_parameters", "val_accuracy", "val_iou_mean", "val_iou50", "val_iou75", "val_iou90", "test_accuracy",
         "test_iou_mean", "test_iou50", "test_iou75", "test_iou90")
-
-
-def finished_with(run: Path, cfg: BoxTrainConfig) -> bool:
-    """Whether `run` holds a finished run of exactly `cfg` (options added since it ran count at their defaults)."""
-    if not (run / "summary.json").is_file() or not (run / "config.json").is_file():
-        return False
-    stored = json.loads((run / "config.json").read_text())
-    known = {f.name for f in fields(BoxTrainConfig)}
-    return BoxTrainConfig(**{k: v for k, v in stored.items() if k in known}) == cfg
 
 
 def main() -> None:
@@ -61,7 +51,7 @@ def main() -> None:
     cfg = BoxTrainConfig(**{**BASE, "data": args.data, "pretrained": args.pretrained, "device": str(device),
                             **overrides})
     run = args.runs / args.name
-    reused = finished_with(run, cfg)
+    reused = (run / "summary.json").is_file() and stored_config_equals(run, cfg)
     summary = json.loads((run / "summary.json").read_text()) if reused else train_boxes(cfg, run, progress=False)
 
     start = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -62,6 +63,16 @@ def save_report(report: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"saved {out}")
+
+
+def stored_config_equals(run: Path, cfg: Any) -> bool:
+    """Whether `run` holds a run of exactly `cfg` (a config dataclass; options added since it ran count at
+    their defaults)."""
+    if not (run / "config.json").is_file():
+        return False
+    stored = json.loads((run / "config.json").read_text())
+    known = {f.name for f in fields(cfg)}
+    return type(cfg)(**{k: v for k, v in stored.items() if k in known}) == cfg
 
 
 def parse_value(text: str):

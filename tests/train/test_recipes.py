@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import WEIGHTS, requires_weights
 from vitkit.models import VisionTransformer
 from vitkit.train.config import RECIPES, build_config
 from vitkit.train.trainer import build_model
@@ -17,7 +18,12 @@ def data_like(size: int, channels: int) -> SimpleNamespace:
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_every_recipe_builds_its_model(name):
-    cfg = build_config(name, None, {"teacher": "teacher-run"} if RECIPES[name].get("distill") else None)
+    flags = {"teacher": "teacher-run"} if RECIPES[name].get("distill") else {}
+    if RECIPES[name].get("pretrained"):  # a hub name: tests read the local copy instead of downloading
+        if not WEIGHTS.is_file():
+            pytest.skip(f"{name} starts from DeiT-Ti weights, not at {WEIGHTS} (see ../shared/weights/README.md)")
+        flags["pretrained"] = str(WEIGHTS)
+    cfg = build_config(name, None, flags)
     size, channels = (8, 1) if name == "digits" else (32, 3)
     model = build_model(cfg, data_like(size, channels)).eval()
     assert isinstance(model, VisionTransformer) == (cfg.model != "resnet18")
@@ -37,3 +43,19 @@ def test_the_cpu_recipe_is_the_fast_recipe_scaled_down():
     same = ("lr", "weight_decay", "label_smoothing", "drop_path", "trivial_augment", "tta_flip", "val_fraction")
     assert all(getattr(cpu, k) == getattr(fast, k) for k in same)
     assert not cpu.compile and cpu.batch_size == 128 and cpu.patch_dropout == 0.5
+
+
+@requires_weights
+def test_the_pretrained_smoothing_recipe_keeps_seed_000s_setting_at_32_pixels():
+    """DeiT-Ti on CIFAR's own 32×32 images: 4×4 patches (an 8×8 grid), column ablations of width 4, the
+    pre-trained weights in every block (a resampled patch projection, not a fresh one)."""
+    from vitkit.models import load_pretrained
+
+    cfg = build_config("cifar10-smoothing-deit", None, {"pretrained": str(WEIGHTS)})
+    assert RECIPES["cifar10-smoothing-deit"]["pretrained"] == "deit_tiny_patch16_224.fb_in1k"
+    assert (cfg.ablation, cfg.ablation_size, cfg.image_size) == ("column", 4, None)
+    model = build_model(cfg, data_like(32, 3))
+    assert (model.cfg.image_size, model.cfg.patch_size, model.cfg.grid_size, model.cfg.dim) == (32, 4, 8, 192)
+    reference = load_pretrained(WEIGHTS, num_classes=10, image_size=32, patch_size=4).state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, reference[key]), key
