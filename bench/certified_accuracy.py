@@ -21,7 +21,7 @@ from pathlib import Path
 from common import RESULTS, device_and_sync, environment, parse_sets, save_report, stored_config_equals
 from vitkit.data import load_dataset
 from vitkit.smoothing import Ablation, SmoothedClassifier, Votes, certification_report, collect_votes, parse_patch_sizes
-from vitkit.train import build_config, load_model, train
+from vitkit.train import build_config, load_model, read_info, train
 
 
 def saved_votes(path: Path, run: Path, ablation: dict, images: int) -> Votes | None:
@@ -65,13 +65,14 @@ def main() -> None:
     summary = json.loads((run / "summary.json").read_text())
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines() if line.strip()]
 
-    model, info = load_model(run, device)
-    data = load_dataset(info["data"], "test", image_size=model.cfg.image_size)
+    info = read_info(run)  # the model is loaded only when its votes are not saved yet
+    data = load_dataset(info["data"], "test", image_size=info["model"]["image_size"])
     trained = info["ablation"]
     votes_path = run / "certify" / "votes.safetensors"
     votes = saved_votes(votes_path, run, trained, len(data))
     certification: dict = {"from_saved_votes": votes is not None}
     if votes is None:
+        model, _ = load_model(run, device)
         ablation = Ablation(trained["kind"], trained["size"], tuple(data.image_size), trained.get("stride", 1))
         smoothed = SmoothedClassifier(model, ablation, mean=info["mean"], std=info["std"])
         start = time.perf_counter()
