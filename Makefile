@@ -21,10 +21,10 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/throughput.py --steps 10
 	$(BIN)/python bench/digits_accuracy.py
 	$(BIN)/python bench/attack.py
-	$(BIN)/python bench/certify.py --images 500 --full-images 100
+	$(BIN)/python bench/certify.py --images 500 --full-images 100 --out bench/results/certify-untrained-cpu.json
 
 clean:
 	rm -rf runs .pytest_cache

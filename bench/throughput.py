@@ -26,7 +26,6 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer as TimmViT

@@ -99,6 +99,86 @@ def test_user_errors_are_one_line_without_traceback(args, message):
     assert result.stderr.strip().count("\n") == 0
 
 
+RUN, OUT = "RUN", "OUT"  # the trained run, and an output folder that must stay unwritten
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        # numbers out of range, refused when parsed
+        (["predict", RUN, "x.png", "--top-k", "0", "--out", OUT], "0 must be at least 1"),
+        (["explain", RUN, "--discard-ratio", "1.5", "--out", OUT], "must lie in [0, 1)"),
+        (["explain", RUN, "--evaluate", "--steps", "1", "--out", OUT], "must be at least 2"),
+        (["attack", RUN, "--eps", ",", "--out", OUT], "holds no value"),
+        (["attack", RUN, "--step-size", "-1", "--out", OUT], "must be positive"),
+        (["attack", RUN, "--examples", "-1", "--out", OUT], "must be at least 0"),
+        (["certify", RUN, "--ablation-size", "0", "--out", OUT], "0 must be at least 1"),
+        (["certify", RUN, "--n", "-1", "--out", OUT], "must be at least 0"),
+        (["certify", RUN, "--max-batch", "0", "--out", OUT], "0 must be at least 1"),
+        (["info", "vit_tiny", "--num-classes", "0"], "0 must be at least 1"),
+        # refused before any work
+        (["attack", RUN, "--eps", "8", "--out", OUT], "exceeds the pixel range"),
+        (["attack", RUN, "--patch-size", "3", "--out", OUT], "belong to --attack patch"),
+        (["attack", RUN, "--attack", "patch", "--eps", "0.1", "--out", OUT], "drop --eps"),
+        (["attack", RUN, "--attack", "fgsm", "--step-size", "0.1", "--out", OUT], "drop --step-size"),
+        (["certify", RUN, "--patch-size", "20", "--out", OUT], "does not fit 8-pixel images"),
+        (["info", "vit_nope"], "neither a preset"),
+        (["train", "--warmup-epochs", "-3", "--out", OUT], "--warmup-epochs must be 0"),
+        (["train", "--weight-decay", "-1", "--out", OUT], "--weight-decay must be 0"),
+        (["train", "--dim", "0", "--out", OUT], "--dim must be positive"),
+        (["train", "--label-smoothing", "2", "--out", OUT], "--label-smoothing must lie in [0, 1)"),
+        (["train", "--drop-path", "-0.5", "--out", OUT], "--drop-path must lie in [0, 1)"),
+        (["train", "--dropout", "1.5", "--out", OUT], "--dropout must lie in [0, 1)"),
+        (["train", "--eval-batch-size", "0", "--out", OUT], "--eval-batch-size must be positive"),
+        (["train", "--resized-crop-scale", "0.8", "--out", OUT], "takes two values"),
+        (["train-boxes", "--data", "x", "--backbone", "resnet18", "--patch-size", "4", "--out", OUT],
+         "--patch-size applies to ViT"),
+        (["train-boxes", "--data", "x", "--momentum", "1.5", "--out", OUT], "--momentum must lie in [0, 1)"),
+        (["train", "--resume", RUN, "--recipe", "digits"], "drop --recipe"),
+        (["train", "--resume", RUN, "--out", "elsewhere"], "drop --out"),
+        (["train-boxes", "--resume", RUN], "is not a `vitkit train-boxes` run"),
+        (["train", "--out", RUN, "--epochs", "1"], "already holds a run: continue it with --resume"),
+    ],
+)
+def test_bad_values_and_combinations_are_refused_with_the_fix(trained_run, tmp_path, capsys, args, message):
+    args = [{RUN: str(trained_run), OUT: str(tmp_path / "out")}.get(a, a) for a in args]
+    with pytest.raises(SystemExit) as error:  # argparse exits by itself; main returns its status
+        raise SystemExit(main(args))
+    assert error.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_out_must_be_a_folder(trained_run, tmp_path, capsys):
+    (tmp_path / "file.png").write_bytes(b"")
+    assert main(["eval", str(trained_run), "--out", str(tmp_path / "file.png")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_config_file_values_meet_the_flags_types(tmp_path, capsys):
+    for text, message in [("epochs: 1.5", "invalid int value"),
+                          ("hflip: [1, 2]", "is not a number"), ("spt: 3", "write true or false")]:
+        (tmp_path / "c.yaml").write_text(text)
+        with pytest.raises(SystemExit) as error:
+            raise SystemExit(main(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o")]))
+        assert error.value.code == 2 and message in capsys.readouterr().err
+    # A list option given one value in the file is a list of one; a flag still overrides the file.
+    (tmp_path / "c.yaml").write_text("milestones: 5\nhflip: 0.5\nspt: true\n")
+    from vitkit.cli.main import build_parser, parse_args
+
+    args = parse_args(build_parser(), ["train", "--config", str(tmp_path / "c.yaml"), "--no-spt"])
+    assert args.milestones == [5] and args.hflip == 0.5 and args.spt is False
+
+
+def test_explain_takes_image_files_after_its_options(trained_run, tmp_path):
+    from vitkit.data import load_dataset
+
+    Image.fromarray(load_dataset("digits", "test").images[0, 0].numpy()).save(tmp_path / "digit.png")
+    assert main(["explain", str(trained_run), "--n", "1", "--device", "cpu", "--out", str(tmp_path / "maps"),
+                 str(tmp_path / "digit.png")]) == 0
+    assert json.loads((tmp_path / "maps" / "summary.json").read_text())["images_shown"] == 1
+
+
 def test_unknown_key_in_config_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"epoks": 3}))
@@ -205,10 +285,9 @@ def test_certify_reports_and_rederives_from_votes(tmp_path, capsys):
     assert attacked["certified_accuracy_1x1_on_attacked_images"] <= attacked["empirical_accuracy_1x1"]
     votes = str(out / "votes.safetensors")
     for args, message in [
-        (["--out", str(tmp_path / "none")], "either a checkpoint"),
+        (["--out", str(tmp_path / "none")], "one of the two"),
         (["--votes", votes, "--patch-size", "9"], "does not fit 8-pixel images"),
         (["--votes", votes, "--attack-n", "5"], "needs the model"),
-        ([str(run), "--max-batch", "0", "--device", "cpu"], "max batch 0"),
     ]:
         assert main(["certify", *args, "--out", str(tmp_path / "bad")]) == 2
         assert message in capsys.readouterr().err

@@ -81,6 +81,10 @@ def test_truncated_archive_is_a_user_error(tmp_path):
     broken.write_bytes(archive.read_bytes()[:200])
     with pytest.raises(VitkitError, match="cannot read"):
         load_dataset(str(broken))
+    (tmp_path / "noise.tar.gz").write_bytes(b"not an archive at all" * 40)
+    with pytest.raises(VitkitError, match="cannot read") as error:  # one line, not tarfile's list of compressions
+        load_dataset(str(tmp_path / "noise.tar.gz"))
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("kind", ["folder", "archive"])
@@ -171,3 +175,5 @@ def test_load_images(tmp_path):
     assert load_images([str(tmp_path / "a.png")], 8, 1).shape == (1, 1, 8, 8)
     with pytest.raises(VitkitError, match="does not exist"):
         load_images([str(tmp_path / "b.png")], 8, 3)
+    with pytest.raises(VitkitError, match="is a folder"):
+        load_images([str(tmp_path)], 8, 3)

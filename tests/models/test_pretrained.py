@@ -176,8 +176,9 @@ def test_unknown_and_corrupt_files_are_user_errors(tmp_path):
     torch.save({"weights": torch.zeros(1), "how": VitkitError("an object")}, tmp_path / "pickled.pt")
     with pytest.raises(VitkitError, match="cannot read weights"):  # weights_only: no arbitrary objects
         load_pretrained(tmp_path / "pickled.pt")
-    with pytest.raises(VitkitError, match="does not exist"):
-        load_pretrained(tmp_path / "missing.safetensors")
+    for missing in (tmp_path / "missing.safetensors", tmp_path / "missing_weights", "./weights", "~/models/x"):
+        with pytest.raises(VitkitError, match="does not exist"):  # a path, not a hub name: nothing downloaded
+            load_pretrained(missing)
     # A timm model with layer scale (as DeiT III): named, not silently dropped.
     layer_scale = tiny_timm_file(tmp_path, **{"blocks.0.ls1.gamma": torch.ones(16)})
     with pytest.raises(VitkitError, match=r"unexpected \['blocks.0.ls1.gamma'\]"):

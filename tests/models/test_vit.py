@@ -171,6 +171,11 @@ def test_bad_shapes_are_user_errors():
         ViTConfig(dim=100, heads=3)
     with pytest.raises(VitkitError, match="unknown preset"):
         create_model("vit_gigantic")
+    for field, value in [("depth", 0), ("mlp_dim", -1), ("num_classes", -1), ("dropout", 1.0), ("drop_path", -0.1)]:
+        with pytest.raises(VitkitError, match=field):
+            ViTConfig(**{field: value})
+    assert isinstance(VisionTransformer(ViTConfig(image_size=16, patch_size=8, dim=8, depth=1, heads=1, mlp_dim=8,
+                                                  num_classes=0)).head, torch.nn.Identity)  # 0: a headless backbone
     model = small_model()
     with pytest.raises(VitkitError, match="multiple of the patch size"):
         model(torch.randn(1, 3, 18, 18))

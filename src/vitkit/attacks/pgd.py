@@ -119,6 +119,8 @@ def check_budget(eps: float, norm: str) -> None:
         raise VitkitError(f"unknown norm {norm!r}: use one of {', '.join(NORMS)}")
     if not 0 <= eps < float("inf"):
         raise VitkitError(f"ε = {eps} is not a finite non-negative budget: pass e.g. 8/255")
+    if norm == "linf" and eps > 1:  # pixels lie in [0, 1]: such a budget allows any image
+        raise VitkitError(f"an ℓ∞ budget ε = {eps} exceeds the pixel range [0, 1]: pass a fraction, e.g. 8/255")
 
 
 def fgsm(

@@ -36,9 +36,45 @@ def parse_number(text: str) -> float:
 
 def list_of(kind: Callable[[str], Any]) -> Callable[[str], list]:
     def parse(text: str) -> list:
-        return [kind(part) for part in text.split(",") if part.strip()]
+        values = [kind(part) for part in text.split(",") if part.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text!r} holds no value: give one or more, separated by commas")
+        return values
 
     return parse
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An integer ≥ low (1: a count of things; 0: a count where 0 means none or all)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+count_or_all = int_at_least(0)
+
+
+def positive_number(text: str) -> float:
+    value = parse_number(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def unit_fraction(text: str) -> float:
+    """A share in [0, 1)."""
+    value = parse_number(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must lie in [0, 1)")
+    return value
 
 
 def _parser_for(annotation: str) -> Callable[[str], Any] | None:
@@ -88,7 +124,14 @@ def config_from_flags(args: argparse.Namespace, config_class: type, new: Callabl
     run = Path(args.resume)
     if not (run / "config.json").is_file():
         raise VitkitError(f"{run} is not a vitkit run folder (no config.json): pass the --out folder of a run")
+    for flag, value in (("--out", args.out), ("--recipe", getattr(args, "recipe", None))):
+        if value:
+            raise VitkitError(f"--resume continues {run} with its saved configuration, in place: drop {flag}")
     saved = read_config_file(run / "config.json")
+    foreign = sorted(set(saved) - names)
+    if foreign:
+        raise VitkitError(f"{run} is not a `vitkit {args.command}` run (its config has {', '.join(foreign[:3])}): "
+                          "resume it with the command that made it")
     changed = {k for k, v in flags.items() if k != "device" and v != saved.get(k)}
     if changed:
         raise VitkitError(f"--resume continues the saved configuration; drop the option(s) {sorted(changed)}")
@@ -115,6 +158,9 @@ def run_training(args: argparse.Namespace, train, cfg, resumed: Path | None, def
     from vitkit import distributed
 
     out = resumed or Path(args.out or default_out)
+    if not resumed and (out / "config.json").exists():  # checked on every rank before any of them writes
+        raise VitkitError(f"{out} already holds a run: continue it with --resume {out}, or train into another --out "
+                          "(or delete the folder)")
     summary = train(cfg, out, resume=bool(args.resume), progress=not args.quiet)
     if distributed.is_main():
         print_summary(summary, out)
@@ -262,8 +308,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         from vitkit.train import read_info
 
+        if not Path(args.target).exists():
+            raise VitkitError(f"{args.target} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint file or run "
+                              "folder: check the name or path")
         info = require_vit(read_info(args.target), args.target, "`vitkit info` counts a ViT's parameters and MACs")
-        cfg = ViTConfig.from_dict({**info["model"], **{k: v for k, v in overrides.items() if v}})
+        cfg = ViTConfig.from_dict({**info["model"], **{k: v for k, v in overrides.items() if v is not None}})
     summary = summarize(cfg, batch_size=args.batch_size)
     print(format_summary(summary))
     if args.out:
@@ -350,8 +399,6 @@ def cmd_certify(args: argparse.Namespace) -> int:
     from a saved votes file without the model."""
     import time
 
-    import torch
-
     from vitkit import distributed
     from vitkit.plots import plot_certified_accuracy
     from vitkit.smoothing import (
@@ -362,7 +409,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     from vitkit.train.checkpoint import write_json
 
     if (args.checkpoint is None) == (args.votes is None):
-        raise VitkitError("pass either a checkpoint to certify or --votes FILE to re-derive a report, not both")
+        raise VitkitError("pass a checkpoint to certify, or --votes FILE to re-derive a report (one of the two)")
     if args.votes and args.attack_n:
         raise VitkitError("--attack-n needs the model: pass the checkpoint instead of --votes")
     out = Path(args.out)
@@ -374,12 +421,12 @@ def cmd_certify(args: argparse.Namespace) -> int:
         device = distributed.setup(select_device(args.device))
         model, info, data = load_checkpoint_and_data(args, device)
         trained = info.get("ablation") or {}
-        ablation = Ablation(
-            args.ablation or trained.get("kind", "column"),
-            args.ablation_size or trained.get("size", 4),
-            tuple(data.image_size),
-            args.ablation_stride or trained.get("stride", 1),
-        )
+        def chosen(flag_value, key: str, default):
+            return flag_value if flag_value is not None else trained.get(key, default)
+
+        ablation = Ablation(chosen(args.ablation, "kind", "column"), chosen(args.ablation_size, "size", 4),
+                            tuple(data.image_size), chosen(args.ablation_stride, "stride", 1))
+        check_patch_size(args.patch_size, ablation.image_size)  # before the votes: they take minutes
         if trained and (ablation.kind, ablation.size) != (trained["kind"], trained["size"]):
             print(f"note: the model was trained on {trained['kind']} ablations of width {trained['size']}, "
                   f"certifying with {ablation.kind} ablations of width {ablation.size}", file=sys.stderr)
@@ -399,9 +446,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
         summary.update(seconds=round(seconds, 2), images_per_second=len(data) / seconds, device=str(device),
                        processes=distributed.world()[1], token_dropping=smoothed.patch_size is not None)
         votes.save(out / "votes.safetensors")
-    side = min(votes.ablation.image_size)
-    if not 1 <= args.patch_size <= side:
-        raise VitkitError(f"--patch-size {args.patch_size} does not fit {side}-pixel images: pass 1 to {side}")
+    side = check_patch_size(args.patch_size, votes.ablation.image_size)
     sizes = sorted({m for m in sizes if m <= side} | {args.patch_size})  # larger patches cannot be placed
     report = certification_report(votes, sizes, args.patch_size, args.tie_rule)
     if args.attack_n and not args.votes:
@@ -421,6 +466,14 @@ def cmd_certify(args: argparse.Namespace) -> int:
         print(f"{m:>3d}x{m:<3d}  {votes.ablation.delta(m):>5d}  {acc:.4f}")
     print_summary({k: v for k, v in summary.items() if not re.fullmatch(r"certified_accuracy_\d+x\d+", k)}, out)
     return 0
+
+
+def check_patch_size(m: int, image_size: tuple[int, int]) -> int:
+    """The shorter image side, once the patch side m is known to fit in it."""
+    side = min(image_size)
+    if not 1 <= m <= side:
+        raise VitkitError(f"--patch-size {m} does not fit {side}-pixel images: pass 1 to {side}")
+    return side
 
 
 def _attack_smoothed(smoothed, data, votes, args: argparse.Namespace, delta: int, device) -> dict[str, Any]:
@@ -475,10 +528,23 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     from vitkit import distributed
     from vitkit.attacks import PixelModel, Robustness, attack_outcomes, fgsm, load_pixel_model, patch_attack, pgd
+    from vitkit.attacks.pgd import check_budget
     from vitkit.plots import plot_adversarial_examples, plot_robustness
     from vitkit.train import select_device
     from vitkit.train.checkpoint import write_json
 
+    patch = args.attack == "patch"
+    if patch and args.eps is not None:
+        raise VitkitError("--eps is the budget of fgsm and pgd; a patch attack's is --patch-size: drop --eps")
+    given = [flag for flag, value in (("--patch-size", args.patch_size), ("--positions", args.positions)) if value]
+    if not patch and given:
+        raise VitkitError(f"{' and '.join(given)} belong to --attack patch: drop them, or attack with patches")
+    if args.attack == "fgsm" and args.step_size is not None:
+        raise VitkitError("FGSM takes one step of size ε: drop --step-size, or use --attack pgd")
+    strengths = (args.patch_size or [4]) if patch else (args.eps or [2 / 255, 4 / 255, 8 / 255])
+    for eps in [] if patch else strengths:
+        check_budget(eps, args.norm)
+    positions = args.positions or 4
     device = distributed.setup(select_device(args.device))
     base, info, data = load_checkpoint_and_data(args, device)
     model = PixelModel(base, info["mean"], info["std"])
@@ -488,13 +554,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
         if surrogate_info["classes"] != info["classes"]:
             raise VitkitError(f"the surrogate {args.surrogate} has other classes than {args.checkpoint}: "
                               "use a surrogate trained on the same data set")
-    patch = args.attack == "patch"
-    strengths = args.patch_size if patch else args.eps
     step = {} if args.step_size is None else {"step_size": args.step_size}  # else each attack's own default
 
     def attack(m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, strength: float, g: torch.Generator):
         if patch:
-            return patch_attack(m, x, y, strength, num_positions=args.positions, steps=args.steps,
+            return patch_attack(m, x, y, strength, num_positions=positions, steps=args.steps,
                                 random_start=args.random_start, generator=g, **step)[0]
         if args.attack == "fgsm":
             return fgsm(m, x, y, strength, norm=args.norm)
@@ -525,17 +589,18 @@ def cmd_attack(args: argparse.Namespace) -> int:
     # The examples are attacked with the same seed as in the evaluation, and an image's attack does not
     # depend on its batch: they are the very adversarial images scored above.
     shown = min(args.examples, len(data))
-    x = data.images[:shown].to(device).float() / 255
-    y = data.labels[:shown].to(device)
-    adversarial = attack(surrogate or model, x, y, max(strengths), torch.Generator().manual_seed(args.seed))
-    with torch.no_grad():
-        p_clean, p_adv = model(x).softmax(1), model(adversarial).softmax(1)
-    classes = info["classes"]
-    titles = []
-    for i, (c, a) in enumerate(zip(p_clean.argmax(1).tolist(), p_adv.argmax(1).tolist())):
-        titles.append((f"{classes[c]} ({p_clean[i, c]:.0%})\ntrue {classes[y[i]]}",
-                       f"perturbation\n{label(max(strengths))}", f"{classes[a]} ({p_adv[i, a]:.0%})\nadversarial"))
-    plot_adversarial_examples(x, adversarial, titles, (p_adv.argmax(1) != y).tolist(), out / "examples.png")
+    if shown:
+        x = data.images[:shown].to(device).float() / 255
+        y = data.labels[:shown].to(device)
+        adversarial = attack(surrogate or model, x, y, max(strengths), torch.Generator().manual_seed(args.seed))
+        with torch.no_grad():
+            p_clean, p_adv = model(x).softmax(1), model(adversarial).softmax(1)
+        classes = info["classes"]
+        titles = []
+        for i, (c, a) in enumerate(zip(p_clean.argmax(1).tolist(), p_adv.argmax(1).tolist())):
+            titles.append((f"{classes[c]} ({p_clean[i, c]:.0%})\ntrue {classes[y[i]]}",
+                           f"perturbation\n{label(max(strengths))}", f"{classes[a]} ({p_adv[i, a]:.0%})\nadversarial"))
+        plot_adversarial_examples(x, adversarial, titles, (p_adv.argmax(1) != y).tolist(), out / "examples.png")
 
     summary = {
         "checkpoint": str(args.checkpoint), "surrogate": args.surrogate, "data": args.data or info["data"],
@@ -553,8 +618,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     print(f"{'clean':>26s}  {result.clean_accuracy:8.4f}")
     for s, robust, success in zip(strengths, result.robust_accuracy, result.success_rate):
         print(f"{label(s):>26s}  {robust:8.4f}  {success:7.4f}")
-    print(f"{result.images} images, {title}; results in {out}/ (summary.json, per_image.csv, robustness.png, "
-          "examples.png)")
+    print(f"{result.images} images, {title}; results in {out}/ (summary.json, per_image.csv, robustness.png"
+          f"{', examples.png' if shown else ''})")
     return 0
 
 
@@ -626,25 +691,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data source (default: the one the model was trained on)")
     p.add_argument("--data-root", help="where CIFAR archives live")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--samples", type=int, default=32, help="images in the prediction grid")
+    p.add_argument("--batch-size", type=positive_int, default=512)
+    p.add_argument("--samples", type=positive_int, default=32, help="images in the prediction grid")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="output folder (default: beside the checkpoint)")
 
     p = command("predict", cmd_predict, "top-k classes with probabilities for image files")
     p.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=positive_int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="also write the predictions to OUT/summary.json")
 
     p = command("info", cmd_info, "parameters, MACs, tokens and activation memory of a preset or checkpoint")
     p.add_argument("target", nargs="?", help="a preset name or a checkpoint (none: list the presets)")
     p.add_argument("--presets", action="store_true", help="list the presets")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--patch-size", type=int)
-    p.add_argument("--num-classes", type=int)
-    p.add_argument("--batch-size", type=int, default=1, help="batch size for the memory estimate")
+    p.add_argument("--image-size", type=positive_int)
+    p.add_argument("--patch-size", type=positive_int)
+    p.add_argument("--num-classes", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int, default=1, help="batch size for the memory estimate")
     p.add_argument("--out", help="also write the figures to OUT/summary.json")
 
     p = command("explain", cmd_explain, "attention-rollout maps, and a deletion/insertion check of their quality")
@@ -653,19 +718,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data source (default: the one the model was trained on)")
     p.add_argument("--data-root", help="where CIFAR archives live")
     p.add_argument("--split", default="test")
-    p.add_argument("--n", type=int, default=16, help="images in the figure")
+    p.add_argument("--n", type=positive_int, default=16, help="images in the figure")
     p.add_argument("--method", default="rollout", choices=["rollout", "grad_rollout", "attention"],
                    help="attention: one layer's raw attention (see --layer)")
     p.add_argument("--layer", type=int, default=-1, help="layer for --method attention (default: the last)")
     p.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"])
-    p.add_argument("--discard-ratio", type=float, default=0.0, help="share of lowest attentions zeroed per image")
+    p.add_argument("--discard-ratio", type=unit_fraction, default=0.0, help="share of lowest attentions zeroed per image")
     p.add_argument("--start-layer", type=int, default=0)
     p.add_argument("--residual", default="normalized", choices=["normalized", "seed"],
                    help="normalized: rows of A+I sum to 1 (Abnar & Zuidema); seed: seed 003's raw product")
     p.add_argument("--evaluate", action="store_true", help="deletion and insertion AUC against a random order")
-    p.add_argument("--n-eval", type=int, default=1000, help="images for --evaluate")
-    p.add_argument("--steps", type=int, default=16, help="points on each deletion/insertion curve")
-    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--n-eval", type=positive_int, default=1000, help="images for --evaluate")
+    p.add_argument("--steps", type=int_at_least(2), default=16, help="points on each deletion/insertion curve")
+    p.add_argument("--batch-size", type=positive_int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/explain")
@@ -676,9 +741,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "only --patch-size, --patch-sizes, --tie-rule and --out apply)")
     p.add_argument("--ablation", choices=["column", "row", "block"],
                    help="ablation family (default: the one the model was trained on, else column)")
-    p.add_argument("--ablation-size", type=int, help="band width b (default: as trained, else 4)")
-    p.add_argument("--ablation-stride", type=int, help="start positions every s pixels (default: as trained, else 1)")
-    p.add_argument("--patch-size", type=int, default=5, help="patch side m of the headline certified accuracy")
+    p.add_argument("--ablation-size", type=positive_int, help="band width b (default: as trained, else 4)")
+    p.add_argument("--ablation-stride", type=positive_int,
+                   help="start positions every s pixels (default: as trained, else 1)")
+    p.add_argument("--patch-size", type=positive_int, default=5, help="patch side m of the headline certified accuracy")
     p.add_argument("--patch-sizes", default="1-10", help="patch sides of the table and plot, e.g. 1-10 or 2,5,8")
     p.add_argument("--rule", default="top", choices=["top", "threshold"],
                    help="top: one vote per ablation (Salman et al.); threshold: every class with softmax ≥ θ (Levine & Feizi)")
@@ -688,18 +754,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-token-dropping", action="store_true",
                    help="feed full-length masked images instead of dropping masked tokens (slower; for comparison; "
                         "a ResNet always sees whole masked images)")
-    p.add_argument("--attack-n", type=int, default=0,
+    p.add_argument("--attack-n", type=count_or_all, default=0,
                    help="also patch-attack the smoothed model on N images (empirical accuracy, an upper bound)")
-    p.add_argument("--attack-positions", type=int, default=16, help="random patch positions tried per image")
-    p.add_argument("--attack-steps", type=int, default=20, help="PGD steps on the patch pixels per position")
+    p.add_argument("--attack-positions", type=positive_int, default=16, help="random patch positions tried per image")
+    p.add_argument("--attack-steps", type=positive_int, default=20, help="PGD steps on the patch pixels per position")
     p.add_argument("--data", help="data source (default: the one the model was trained on)")
     p.add_argument("--data-root", help="where CIFAR archives live")
     p.add_argument("--split", default="test")
-    p.add_argument("--n", "--num-images", dest="n", type=int, default=0,
+    p.add_argument("--n", "--num-images", dest="n", type=count_or_all, default=0,
                    help="certify a seeded random sample of N images (default: all; under torchrun write --num-images, "
                         "as torchrun reads --n as an abbreviation of its own options)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per step")
-    p.add_argument("--max-batch", type=int, default=4096, help="ablated images per forward")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per step")
+    p.add_argument("--max-batch", type=positive_int, default=4096, help="ablated images per forward")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA (faster; votes of near-ties may differ)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -710,23 +776,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
     p.add_argument("--attack", default="pgd", choices=["fgsm", "pgd", "patch"])
     p.add_argument("--norm", default="linf", choices=["linf", "l2"], help="budget norm of fgsm and pgd")
-    p.add_argument("--eps", type=list_of(parse_number), default=[2 / 255, 4 / 255, 8 / 255],
-                   help="budgets for pixels in [0, 1], e.g. 2/255,4/255,8/255 (fgsm, pgd)")
-    p.add_argument("--patch-size", type=list_of(int), default=[4], help="patch sides in pixels, e.g. 2,4 (patch)")
-    p.add_argument("--positions", type=int, default=4, help="random patch positions tried per image (patch)")
-    p.add_argument("--steps", type=int, default=20, help="gradient steps (pgd, patch)")
-    p.add_argument("--step-size", type=parse_number, help="step size (default pgd: 2.5·ε/steps; patch: 0.05)")
-    p.add_argument("--restarts", type=int, default=1, help="runs from random starts; each image keeps its worst (pgd)")
+    p.add_argument("--eps", type=list_of(parse_number),
+                   help="budgets for pixels in [0, 1], e.g. 2/255,4/255,8/255 (fgsm, pgd; default: those three)")
+    p.add_argument("--patch-size", type=list_of(positive_int), help="patch sides in pixels, e.g. 2,4 (patch; default 4)")
+    p.add_argument("--positions", type=positive_int, help="random patch positions tried per image (patch; default 4)")
+    p.add_argument("--steps", type=positive_int, default=20, help="gradient steps (pgd, patch)")
+    p.add_argument("--step-size", type=positive_number, help="step size (default pgd: 2.5·ε/steps; patch: 0.05)")
+    p.add_argument("--restarts", type=positive_int, default=1,
+                   help="runs from random starts; each image keeps its worst (pgd)")
     p.add_argument("--random-start", action=argparse.BooleanOptionalAction, default=True,
                    help="start from a random point of the budget (pgd, patch; default: on)")
     p.add_argument("--surrogate", help="craft the attack on this checkpoint and score it on CHECKPOINT (transfer)")
-    p.add_argument("--n", "--num-images", dest="n", type=int, default=1000,
+    p.add_argument("--n", "--num-images", dest="n", type=count_or_all, default=1000,
                    help="attack a seeded random sample of N images (0: all; under torchrun write --num-images)")
-    p.add_argument("--examples", type=int, default=4, help="images in examples.png")
+    p.add_argument("--examples", type=count_or_all, default=4, help="images in examples.png (0: no picture)")
     p.add_argument("--data", help="data source (default: the one the model was trained on)")
     p.add_argument("--data-root", help="where CIFAR archives live")
     p.add_argument("--split", default="test")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/attack")
@@ -740,18 +807,52 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parses twice when --config is given: the file's values become defaults, so flags still win."""
-    args = parser.parse_args(argv)
+    """The command line, with a --config file's options read as if written before the flags (which win): the
+    file's values meet the same types, ranges and choices as flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse(parser, argv)
     if getattr(args, "config", None):
         values = read_config_file(args.config)
         sub = parser._subparsers._group_actions[0].choices[args.command]  # the chosen command's parser
-        known = {a.dest for a in sub._actions}
-        unknown = sorted(set(values) - known)
+        actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
+        unknown = sorted(set(values) - set(actions))
         if unknown:
             raise VitkitError(f"unknown option(s) {unknown} in {args.config}: see `vitkit {args.command} --help`")
-        sub.set_defaults(**values)
-        args = parser.parse_args(argv)
+        tokens = []
+        for key, value in values.items():
+            if actions[key].option_strings:
+                tokens += _as_flags(actions[key], value, args.config)
+            else:  # a positional (e.g. the checkpoint): a default the command line may still give
+                sub.set_defaults(**{key: value})
+        at = argv.index(args.command) + 1
+        args = _parse(parser, argv[:at] + tokens + argv[at:])
     return args
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    args, extras = parser.parse_known_args(argv)
+    # An `images` list (nargs="*") is matched, empty, as soon as options follow the checkpoint: files written
+    # after the options come back unrecognised and belong to it.
+    if extras and isinstance(getattr(args, "images", None), list) and not any(e.startswith("-") for e in extras):
+        args.images += extras
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
+def _as_flags(action: argparse.Action, value: Any, source: str) -> list[str]:
+    """Command-line tokens that give `value` to `action`."""
+    if value is None:
+        return []
+    if action.nargs == 0:  # on/off flags: --x (store_true) or --x / --no-x (BooleanOptionalAction)
+        if not isinstance(value, bool):
+            raise VitkitError(f"{action.dest} in {source} is an on/off option: write true or false, not {value!r}")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return [action.option_strings[0 if value else 1]]
+        return [action.option_strings[0]] if value else []
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    return [f"{action.option_strings[-1]}={value}"]
 
 
 def _version() -> str:
@@ -772,6 +873,9 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.launched() and args.command not in DISTRIBUTED_COMMANDS:
             raise VitkitError(f"`vitkit {args.command}` runs in one process: launch it without torchrun "
                               f"(torchrun runs {', '.join(DISTRIBUTED_COMMANDS)})")
+        out = getattr(args, "out", None)
+        if out and Path(out).exists() and not Path(out).is_dir():
+            raise VitkitError(f"--out {out} is a file; the results go into a folder: pass a folder path")
         status = args.func(args)
         distributed.shutdown()  # not after an error: the other ranks may be inside a collective
         return status

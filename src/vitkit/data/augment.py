@@ -182,9 +182,9 @@ class Augment:
         if cfg.crop_padding < 0 or cfg.mixup_alpha < 0 or cfg.cutmix_alpha < 0:
             raise VitkitError("crop padding, mixup and cutmix alpha must not be negative: pass 0 to turn one off")
         if cfg.resized_crop_scale and not 0 < cfg.resized_crop_scale[0] <= cfg.resized_crop_scale[1] <= 1:
-            raise VitkitError(f"resized-crop scale {cfg.resized_crop_scale} is not 0 < lo <= hi <= 1: pass e.g. 0.8 1.0")
+            raise VitkitError(f"resized-crop scale {cfg.resized_crop_scale} is not 0 < lo <= hi <= 1: pass e.g. 0.8,1.0")
         if not 0 < cfg.resized_crop_ratio[0] <= cfg.resized_crop_ratio[1]:
-            raise VitkitError(f"resized-crop ratio {cfg.resized_crop_ratio} is not 0 < lo <= hi: pass e.g. 0.75 1.333")
+            raise VitkitError(f"resized-crop ratio {cfg.resized_crop_ratio} is not 0 < lo <= hi: pass e.g. 0.75,1.333")
         self.cfg = cfg
         self.num_classes = num_classes
 

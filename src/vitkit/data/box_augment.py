@@ -38,6 +38,9 @@ class BoxAugmentConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.hflip <= 1:
             raise VitkitError(f"flip probability {self.hflip} is outside [0, 1]: pass e.g. 0.5 (or 0 for signs)")
+        for name in ("crop_scale", "crop_ratio"):
+            if getattr(self, name) is not None and len(getattr(self, name)) != 2:
+                raise VitkitError(f"--{name.replace('_', '-')} takes two values, lo,hi: e.g. 0.6,1.0")
         if self.crop_scale is not None and not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 4:
             raise VitkitError(f"crop scale {tuple(self.crop_scale)} is not 0 < lo <= hi <= 4: pass e.g. 0.5,1.0")
         if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from vitkit.data.datasets import (
     ARCHIVE_SUFFIXES, IMAGE_EXTENSIONS, SPLIT_FOLDERS, ImageDataset, _assemble, _cached, _decode_all, _scan_folder,
-    safe_members,
+    safe_members, unreadable_archive,
 )
 from vitkit.errors import VitkitError
 
@@ -273,7 +273,7 @@ def _load_yolo_archive(archive: Path, split: str, image_size: int | None, cache_
 
                 decoded = _decode_all(images(), image_size)
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise VitkitError(f"cannot read {archive} ({e}): check that it is a whole tar archive") from None
+            raise unreadable_archive(archive, e) from None
         name = layout.root.name or archive.name[: -len(next(s for s in ARCHIVE_SUFFIXES if archive.name.endswith(s)))]
         return _yolo_dataset(layout, texts, decoded, split, name, archive.name)
 

@@ -312,7 +312,7 @@ def _load_archive(archive: Path, split: str, image_size: int | None, cache_dir: 
                 order = [str(p) for m, p in paths.items() if p in wanted]
                 arrays = _decode_all(items, image_size)
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise VitkitError(f"cannot read {archive} ({e}): check that it is a whole tar archive") from None
+            raise unreadable_archive(archive, e) from None
         by_name = dict(zip(order, arrays))
         arrays = [by_name[str(p)] for p in chosen]
         name = root.name or archive.name[: -len(next(s for s in ARCHIVE_SUFFIXES if archive.name.endswith(s)))]
@@ -449,14 +449,24 @@ def channel_stats(ds: ImageDataset) -> tuple[tuple[float, ...], tuple[float, ...
     return tuple(mean.tolist()), tuple(var.sqrt().tolist())
 
 
+def unreadable_archive(archive: Path, error: Exception) -> VitkitError:
+    """One line for an archive tarfile cannot read (its list of tried compressions cut to the first line)."""
+    reason = str(error).splitlines()[0].rstrip(":") if str(error) else type(error).__name__
+    return VitkitError(f"cannot read {archive} ({reason}): check that it is a whole tar archive")
+
+
 def load_images(paths: list[str], image_size: int, channels: int) -> Tensor:
     """Image files as a uint8 batch (N, channels, size, size), for prediction."""
     if not paths:
         raise VitkitError("no image files given: pass one or more image paths")
     arrays = []
     for p in paths:
-        if not Path(p).is_file():
+        if not Path(p).exists():
             raise VitkitError(f"image {p} does not exist: check the path")
+        if Path(p).is_dir():
+            raise VitkitError(f"{p} is a folder: pass the image files in it (e.g. {p}/*.png)")
+        if not Path(p).is_file():
+            raise VitkitError(f"{p} is not a regular file: pass a PNG, JPEG or similar image file")
         try:
             arrays.append(_decode(Path(p), image_size))
         except Exception:

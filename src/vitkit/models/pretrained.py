@@ -126,9 +126,11 @@ def resolve_weights(source: str | Path) -> Path:
         raise VitkitError(f"folder {path} holds neither {' nor '.join(HUB_FILES)}: pass the weights file itself")
     if path.is_file():
         return path
-    if path.suffix in WEIGHT_SUFFIXES:
+    # A hub name is `model` or `org/model`; anything else that names no file is a mistyped path.
+    text = str(source)
+    if path.suffix in WEIGHT_SUFFIXES or text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise VitkitError(f"weights file {path} does not exist: check the path, or pass a hub name")
-    return download(str(source))
+    return download(text)
 
 
 def timm_state_dict_from_hf(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

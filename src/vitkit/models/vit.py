@@ -70,6 +70,16 @@ class ViTConfig:
                 f"image size {self.image_size} is not a multiple of patch size {self.patch_size}: "
                 "choose a patch size that divides the image size (e.g. 32/4, 224/16)"
             )
+        sizes = {"dim": self.dim, "depth": self.depth, "heads": self.heads, "mlp_dim": self.mlp_dim,
+                 "in_channels": self.in_channels}
+        for name, value in sizes.items():
+            if value <= 0:
+                raise VitkitError(f"{name} {value} must be positive: a ViT needs at least one of each")
+        if self.num_classes < 0:
+            raise VitkitError(f"num_classes {self.num_classes} is negative: pass the number of classes (0: no head)")
+        for name in ("dropout", "attn_dropout", "drop_path"):
+            if not 0 <= getattr(self, name) < 1:
+                raise VitkitError(f"{name} {getattr(self, name)} is a rate and must lie in [0, 1), e.g. 0.1")
         if self.dim % self.heads:
             raise VitkitError(f"width {self.dim} is not divisible by {self.heads} heads: change dim or heads")
         if self.pos_embed not in POS_EMBED_KINDS:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from vitkit.errors import VitkitError
 from vitkit.models.box_head import BACKBONES, RESNET18_FEATURES, BoxModel, resnet18_backbone, vit_backbone
 from vitkit.models.vit import num_parameters
 from vitkit.plots import plot_box_predictions, plot_learning_curves
-from vitkit.train.config import option
+from vitkit.train.config import option, shared_checks
 from vitkit.train.checkpoint import (
     load_state, load_weights, read_info, resolve_checkpoint, restore_rng_state, rng_state, save_run,
     write_json,
@@ -122,7 +122,7 @@ class BoxTrainConfig:
         if self.crop_scale is not None:
             self.crop_scale = [float(s) for s in self.crop_scale]
         shape = [f"--{n.replace('_', '-')}" for n in ("dim", "depth", "heads", "mlp_dim") if getattr(self, n)]
-        checks = [
+        checks = shared_checks(self) + [
             (self.data is not None, "--data is required: a YOLO folder, a .tar.gz of one, or a CSV file"),
             (self.backbone in BACKBONES, f"unknown backbone {self.backbone!r}: use one of {', '.join(BACKBONES)}"),
             (self.box_loss in BOX_LOSSES, f"unknown box loss {self.box_loss!r}: use one of {', '.join(BOX_LOSSES)}"),
@@ -131,22 +131,21 @@ class BoxTrainConfig:
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}"),
             (self.normalize in NORMALIZATIONS, f"unknown --normalize {self.normalize!r}: use one of "
                                                f"{', '.join(NORMALIZATIONS)}"),
-            (self.optimizer in ("adamw", "sgd"), f"unknown optimizer {self.optimizer!r}: use adamw or sgd"),
-            (self.epochs > 0 and self.batch_size > 0 and self.lr > 0 and self.image_size > 0,
-             "--epochs, --batch-size, --lr and --image-size must be positive"),
+            (self.image_size > 0, "--image-size must be positive"),
+            (self.hidden > 0, "--hidden must be positive"),
+            (0 <= self.head_dropout < 1, "--head-dropout must lie in [0, 1), e.g. 0.2"),
+            (self.plateau_patience >= 0, "--plateau-patience must be 0 or a positive number of epochs"),
             (self.balance_batches > 0, "--balance-batches must be positive"),
             (self.select_by in ("accuracy", "iou"), f"unknown --select-by {self.select_by!r}: use accuracy or iou"),
-            (0 <= self.val_fraction < 1, "--val-fraction must lie in [0, 1)"),
             (0 < self.plateau_factor < 1, "--plateau-factor must lie in (0, 1)"),
-            (self.freeze_blocks >= 0, "--freeze-blocks must be 0 (none) or a positive number of blocks"),
-            (0 < self.layer_decay <= 1, "--layer-decay must lie in (0, 1] (1: off)"),
-            (0 <= self.drop_path < 1, "--drop-path must lie in [0, 1)"),
             (self.backbone == "vit" or (self.layer_decay == 1 and not self.drop_path),
              "--layer-decay and --drop-path apply to ViT backbones: drop them with --backbone resnet18"),
             (not self.freeze_blocks or (self.backbone == "vit" and self.pretrained),
              "--freeze-blocks keeps pre-trained ViT blocks fixed: use --backbone vit with --pretrained, or drop it"),
             (not (shape and (self.pretrained or self.backbone != "vit")),
              f"{', '.join(shape)} shape a ViT trained from scratch: drop them with --pretrained or --backbone resnet18"),
+            (self.backbone == "vit" or self.patch_size is None,
+             "--patch-size applies to ViT backbones: drop it with --backbone resnet18"),
             (not self.cifar_stem or self.backbone == "resnet18", "--cifar-stem applies to --backbone resnet18 only"),
         ]
         for ok, message in checks:

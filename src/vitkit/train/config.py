@@ -16,6 +16,28 @@ def option(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+def shared_checks(cfg: Any) -> list[tuple[bool, str]]:
+    """(condition, message) checks of the options TrainConfig and BoxTrainConfig share, named as flags."""
+    shape = [n for n in ("patch_size", "dim", "depth", "heads", "mlp_dim") if getattr(cfg, n) is not None
+             and getattr(cfg, n) <= 0]
+    return [
+        (cfg.epochs > 0, "--epochs must be positive"),
+        (cfg.batch_size > 0, "--batch-size must be positive"),
+        (cfg.eval_batch_size > 0, "--eval-batch-size must be positive"),
+        (cfg.lr > 0, "--lr must be positive"),
+        (cfg.weight_decay >= 0, "--weight-decay must be 0 (off) or positive"),
+        (cfg.warmup_epochs >= 0, "--warmup-epochs must be 0 (no warmup) or positive"),
+        (cfg.grad_clip >= 0, "--grad-clip must be 0 (off) or a positive gradient norm"),
+        (0 <= cfg.momentum < 1, "--momentum must lie in [0, 1), e.g. 0.9"),
+        (0 <= cfg.val_fraction < 1, "--val-fraction must lie in [0, 1)"),
+        (cfg.optimizer in ("adamw", "sgd"), f"unknown optimizer {cfg.optimizer!r}: use adamw or sgd"),
+        (0 < cfg.layer_decay <= 1, "--layer-decay must lie in (0, 1] (1: off)"),
+        (cfg.freeze_blocks >= 0, "--freeze-blocks must be 0 (none) or a positive number of blocks"),
+        (0 <= (cfg.drop_path or 0) < 1, "--drop-path must lie in [0, 1), e.g. 0.1"),
+        (not shape, f"{', '.join('--' + n.replace('_', '-') for n in shape)} must be positive"),
+    ]
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on; saved as config.json in the run folder."""
@@ -119,16 +141,15 @@ class TrainConfig:
         # None (and False for the on/off options): not given.
         given = [n for n in VIT_OPTIONS if getattr(self, n) is not None and getattr(self, n) is not False]
         vit_only = [f"--{n.replace('_', '-')}" for n in given]
-        checks = [
-            (self.epochs > 0, "--epochs must be positive"),
-            (self.batch_size > 0, "--batch-size must be positive"),
-            (self.lr > 0, "--lr must be positive"),
-            (0 <= self.val_fraction < 1, "--val-fraction must lie in [0, 1)"),
-            (self.optimizer in ("adamw", "sgd"), f"unknown optimizer {self.optimizer!r}: use adamw or sgd"),
+        checks = shared_checks(self) + [
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}"),
+            (self.step_size > 0 and self.gamma > 0, "--step-size and --gamma must be positive"),
+            (0 <= self.label_smoothing < 1, "--label-smoothing must lie in [0, 1), e.g. 0.1"),
+            (self.resized_crop_scale is None or len(self.resized_crop_scale) == 2,
+             "--resized-crop-scale takes two values, lo,hi: e.g. 0.8,1.0"),
+            (len(self.resized_crop_ratio) == 2, "--resized-crop-ratio takes two values, lo,hi: e.g. 0.9,1.1"),
+            (0 <= (self.dropout or 0) < 1, "--dropout must lie in [0, 1), e.g. 0.1"),
             (0 <= self.ema < 1, "--ema must lie in [0, 1)"),
-            (0 < self.layer_decay <= 1, "--layer-decay must lie in (0, 1] (1: off)"),
-            (self.freeze_blocks >= 0, "--freeze-blocks must be 0 (none) or a positive number of blocks"),
             (not self.pretrained or not (self.spt or self.lsa),
              "--spt and --lsa change the patch embedding and attention of a plain ViT, which timm/Hugging Face weights "
              "do not have: train from scratch (drop --pretrained), or drop --spt/--lsa"),
