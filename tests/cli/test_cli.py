@@ -149,6 +149,19 @@ def test_bad_values_and_combinations_are_refused_with_the_fix(trained_run, tmp_p
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
+def test_default_run_folders_never_overwrite_a_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--epochs", "1", "--dim", "16", "--depth", "1", "--heads", "1", "--mlp-dim", "16", "--device", "cpu", "--quiet"]
+    assert main(["train", *tiny]) == 0
+    first = (tmp_path / "runs" / "digits-vit_digits" / "last.safetensors").read_bytes()
+    assert main(["train", *tiny, "--seed", "1"]) == 0  # same default name: the next free folder
+    assert "training into runs/digits-vit_digits-2/" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "digits-vit_digits" / "last.safetensors").read_bytes() == first
+    assert json.loads((tmp_path / "runs" / "digits-vit_digits-2" / "config.json").read_text())["seed"] == 1
+    assert main(["train", "--recipe", "digits", *tiny]) == 0  # a recipe names its folder
+    assert (tmp_path / "runs" / "digits" / "config.json").exists()
+
+
 def test_out_must_be_a_folder(trained_run, tmp_path, capsys):
     (tmp_path / "file.png").write_bytes(b"")
     assert main(["eval", str(trained_run), "--out", str(tmp_path / "file.png")]) == 2

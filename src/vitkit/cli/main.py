@@ -7,6 +7,7 @@ command line override the file. User errors print one line and exit with status 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from dataclasses import MISSING
@@ -95,7 +96,8 @@ def _parser_for(annotation: str) -> Callable[[str], Any] | None:
 def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", choices=sorted(RECIPES), help="a named recipe: preset, optimiser, schedule, augmentation")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
-    p.add_argument("--out", default=None, help="run folder (default runs/<data>-<model>)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<recipe>, else runs/<data>-<model or weights>; "
+                                               "-2, -3, ... appended while that holds a run)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_flags(p, config_fields())
 
@@ -142,7 +144,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vitkit.train import TrainConfig, build_config, train
 
     cfg, out = config_from_flags(args, TrainConfig, lambda flags: build_config(args.recipe, None, flags))
-    return run_training(args, train, cfg, out, f"runs/{Path(cfg.data).name.split('.')[0]}-{cfg.model}")
+    model = Path(cfg.pretrained).name.split(".")[0] if cfg.pretrained else cfg.model
+    return run_training(args, train, cfg, out, args.recipe or f"{stem(cfg.data)}-{model}")
 
 
 def cmd_train_boxes(args: argparse.Namespace) -> int:
@@ -150,17 +153,37 @@ def cmd_train_boxes(args: argparse.Namespace) -> int:
     from vitkit.train.boxes import BoxTrainConfig, train_boxes
 
     cfg, out = config_from_flags(args, BoxTrainConfig, lambda flags: BoxTrainConfig(**flags))
-    return run_training(args, train_boxes, cfg, out, f"runs/{Path(cfg.data).name.split('.')[0]}-boxes-{cfg.backbone}")
+    return run_training(args, train_boxes, cfg, out, f"{stem(cfg.data)}-boxes-{cfg.backbone}")
 
 
-def run_training(args: argparse.Namespace, train, cfg, resumed: Path | None, default_out: str) -> int:
-    """Trains into --out (else `default_out`), or resumes the run folder `resumed`; rank 0 prints the summary."""
+def stem(source: str) -> str:
+    """A data source's name without folders and suffixes: path/to/asl-letters.tar.gz → asl-letters."""
+    return Path(source).name.split(".")[0]
+
+
+def run_training(args: argparse.Namespace, train, cfg, resumed: Path | None, default_name: str) -> int:
+    """Trains into --out, or into the first free runs/<default_name>[-2, -3, ...], or resumes the run folder
+    `resumed`; rank 0 prints the summary. An existing run is never overwritten. Every rank decides before any
+    of them writes (they meet first in the process group's rendezvous), so all choose the same folder."""
     from vitkit import distributed
 
-    out = resumed or Path(args.out or default_out)
-    if not resumed and (out / "config.json").exists():  # checked on every rank before any of them writes
-        raise VitkitError(f"{out} already holds a run: continue it with --resume {out}, or train into another --out "
-                          "(or delete the folder)")
+    def holds_run(folder: Path) -> bool:
+        return (folder / "config.json").exists()
+
+    if resumed:
+        out = resumed
+    elif args.out:
+        out = Path(args.out)
+        if holds_run(out):
+            raise VitkitError(f"{out} already holds a run: continue it with --resume {out}, or train into another "
+                              "--out (or delete the folder)")
+    else:
+        out, copies = Path("runs") / default_name, 1
+        while holds_run(out):
+            copies += 1
+            out = Path("runs") / f"{default_name}-{copies}"
+        if os.environ.get("RANK", "0") == "0":  # torchrun's rank: the process group does not exist yet
+            print(f"vitkit: training into {out}/", file=sys.stderr)
     summary = train(cfg, out, resume=bool(args.resume), progress=not args.quiet)
     if distributed.is_main():
         print_summary(summary, out)
@@ -677,7 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("train-boxes", cmd_train_boxes,
                 "train a class and a bounding-box head on a ViT or ResNet-18 (seed 001), or resume a run")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
-    p.add_argument("--out", default=None, help="run folder (default runs/<data>-boxes-<backbone>)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<data>-boxes-<backbone>; -2, -3, ... appended "
+                                               "while that holds a run)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     from dataclasses import fields
 
