@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe option")
     parser.add_argument("--patch-size", type=int, default=5, help="the main patch size m (seed 000: 5)")
     parser.add_argument("--patch-sizes", default="1-10", help="every m to report")
-    parser.add_argument("--bf16", action="store_true", help="certify under bfloat16 autocast (CUDA)")
+    parser.add_argument("--bf16", action="store_true", help="certify under bfloat16 autocast (CUDA, or a CPU with native bfloat16)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per certification batch")
     parser.add_argument("--runs", type=Path, default=Path("runs/certified"), help="run folders")
     parser.add_argument("--out", type=Path, help="JSON (default bench/results/certified-accuracy-<device>.json)")

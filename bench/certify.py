@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--max-batch", type=int, default=8192)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA, or a CPU with native bfloat16)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the base model")
     parser.add_argument("--out", help="JSON path (default bench/results/certify-<device>.json)")
     args = parser.parse_args()

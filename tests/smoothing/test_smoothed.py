@@ -166,3 +166,30 @@ def test_images_on_another_device(device):
     assert clf.clean_logits(x).device.type == device
     if device != "meta":
         assert clf.votes(x).sum(1).eq(ablation.num_ablations).all()
+
+
+def test_collect_votes_in_bfloat16_on_the_cpu():
+    from vitkit.data import ImageDataset
+    from vitkit.smoothing import collect_votes
+
+    class Recording(nn.Module):  # a base model that notes the dtype its layer computes in
+        def __init__(self):
+            super().__init__()
+            self.layer, self.dtypes = nn.Linear(3 * 8 * 8, 4), set()
+
+        def forward(self, x):
+            out = self.layer(x.flatten(1))
+            self.dtypes.add(out.dtype)
+            return out
+
+    torch.manual_seed(0)
+    data = ImageDataset(torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8), torch.arange(6) % 4,
+                        ["a", "b", "c", "d"], "random")
+    model = Recording()
+    clf = smoothed(model, Ablation("column", 3, (8, 8)))
+    full = collect_votes(clf, data, torch.device("cpu"), progress=False)
+    assert model.dtypes == {torch.float32}
+    model.dtypes.clear()
+    half = collect_votes(clf, data, torch.device("cpu"), progress=False, bf16=True)
+    assert model.dtypes == {torch.bfloat16}
+    assert half.counts.sum(1).eq(8).all() and (half.counts == full.counts).float().mean() > 0.5

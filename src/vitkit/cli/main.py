@@ -790,7 +790,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "as torchrun reads --n as an abbreviation of its own options)")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per step")
     p.add_argument("--max-batch", type=positive_int, default=4096, help="ablated images per forward")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA (faster; votes of near-ties may differ)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast on CUDA or the CPU (faster, on a CPU with native bfloat16 such as "
+                        "AVX512-BF16 or AMX; votes of near-ties may differ)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")

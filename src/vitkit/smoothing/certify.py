@@ -131,7 +131,8 @@ def collect_votes(
     progress: bool = True, info: dict[str, Any] | None = None, bf16: bool = False,
 ) -> Votes:
     """Votes of `smoothed` on every image of `data`, plus the base model's clean prediction.
-    `bf16`: bfloat16 autocast on CUDA (ignored elsewhere). A certificate holds for the votes of the
+    `bf16`: bfloat16 autocast on CUDA and on the CPU (fast where it has native bfloat16, e.g. AVX512-BF16 or
+    AMX; emulated, and slow, where not). A certificate holds for the votes of the
     computation that produced them: bf16, like any change of kernels, can flip an ablation whose top
     two logits nearly tie. Under torchrun every rank certifies its share and gets all the votes."""
     from vitkit import distributed
@@ -147,7 +148,7 @@ def collect_votes(
         with tqdm(total=len(part), desc="certify", unit="img", disable=not progress, leave=False) as bar:
             for start in range(0, len(part), batch_size):
                 x = part.images[start : start + batch_size].to(device).float().div_(255)
-                with autocast(device, bf16):
+                with autocast(device, bf16, cpu=True):
                     counts.append(smoothed.votes(x).cpu())
                     base.append(smoothed.clean_logits(x).argmax(1).cpu())
                 bar.update(len(x))
