@@ -99,3 +99,15 @@ def test_training_on_ablations_records_the_ablation(tmp_path):
     summary = train(tiny_config(epochs=1, ablation="row", ablation_size=3, ablation_stride=2), tmp_path, progress=False)
     assert read_info(tmp_path)["ablation"] == {"kind": "row", "size": 3, "image_size": [8, 8], "stride": 2}
     assert "row ablation" in summary["accuracy_measured_on"]
+
+
+@pytest.mark.parametrize("cpu_bf16", [False, True])
+def test_cpu_bf16_trains_in_bfloat16_and_evaluates_in_float32(tmp_path, cpu_bf16):
+    trainer = Trainer(tiny_config(epochs=1, ema=0, cpu_bf16=cpu_bf16), tmp_path, progress=False)  # evaluates self.model
+    seen = []  # (training?, dtype) of the first block's MLP output at each forward
+    trainer.model.blocks[0].mlp.register_forward_hook(lambda m, i, out: seen.append((m.training, out.dtype)))
+    trainer.fit()
+    assert {dtype for training, dtype in seen if training} == {torch.bfloat16 if cpu_bf16 else torch.float32}
+    assert {dtype for training, dtype in seen if not training} == {torch.float32}
+    with pytest.raises(VitkitError, match="--cpu-bf16 extends --bf16"):
+        tiny_config(bf16=False, cpu_bf16=True)

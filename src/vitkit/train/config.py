@@ -88,6 +88,9 @@ class TrainConfig:
                                    "the embeddings at lr·decay^(L+1) (1: off; e.g. 0.65 for fine-tuning)")
     ema: float = option(0.0, "decay of an exponential moving average of the weights (0: off; e.g. 0.999)")
     bf16: bool = option(True, "bfloat16 autocast on CUDA (ignored on CPU)")
+    cpu_bf16: bool = option(False, "bfloat16 autocast of the training steps on the CPU too: on one with native "
+                                   "bfloat16 (AVX512-BF16, AMX) 1.6x faster DeiT-Ti steps, 1.2x for width 128, slower "
+                                   "for tiny models; evaluation stays float32")
     compile: bool = option(False, "torch.compile the model")
     tta_flip: bool = option(False, "validation and test accuracy of the mean logits of each image and its mirror image")
     # augmentation (batched on the device)
@@ -150,6 +153,7 @@ class TrainConfig:
             (len(self.resized_crop_ratio) == 2, "--resized-crop-ratio takes two values, lo,hi: e.g. 0.9,1.1"),
             (0 <= (self.dropout or 0) < 1, "--dropout must lie in [0, 1), e.g. 0.1"),
             (0 <= self.ema < 1, "--ema must lie in [0, 1)"),
+            (self.bf16 or not self.cpu_bf16, "--cpu-bf16 extends --bf16 to the CPU: drop --no-bf16 or --cpu-bf16"),
             (not self.pretrained or not (self.spt or self.lsa),
              "--spt and --lsa change the patch embedding and attention of a plain ViT, which timm/Hugging Face weights "
              "do not have: train from scratch (drop --pretrained), or drop --spt/--lsa"),

@@ -307,7 +307,7 @@ class Trainer:
                 x = self.adversary(x, y)  # against the whole-image model, as `vitkit attack` evaluates it
             if self.patch_dropout is not None:
                 self.patch_dropout.resample(len(x))  # one draw for every forward of the step (TRADES has two)
-            with autocast(self.device, cfg.bf16):
+            with autocast(self.device, cfg.bf16, cpu=cfg.cpu_bf16):
                 if self.distiller:
                     loss, logits = self.distiller(self.forward, x, y)
                 else:
