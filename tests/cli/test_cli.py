@@ -73,6 +73,7 @@ def test_info_for_a_preset_and_a_checkpoint(trained_run, tmp_path, capsys):
 def test_resume_of_a_finished_run_keeps_its_weights(trained_run):
     before = (trained_run / "last.safetensors").read_bytes()
     assert main(["train", "--resume", str(trained_run), "--quiet"]) == 0
+    assert main(["train", "--resume", str(trained_run), "--out", str(trained_run), "--quiet"]) == 0  # its own folder
     assert (trained_run / "last.safetensors").read_bytes() == before
 
 
@@ -115,7 +116,7 @@ RUN, OUT = "RUN", "OUT"  # the trained run, and an output folder that must stay 
         (["certify", RUN, "--ablation-size", "0", "--out", OUT], "0 must be at least 1"),
         (["certify", RUN, "--n", "-1", "--out", OUT], "must be at least 0"),
         (["certify", RUN, "--max-batch", "0", "--out", OUT], "0 must be at least 1"),
-        (["info", "vit_tiny", "--num-classes", "0"], "0 must be at least 1"),
+        (["info", "vit_tiny", "--num-classes", "-1"], "-1 must be at least 0"),
         # refused before any work
         (["attack", RUN, "--eps", "8", "--out", OUT], "exceeds the pixel range"),
         (["attack", RUN, "--patch-size", "3", "--out", OUT], "belong to --attack patch"),
@@ -142,11 +143,13 @@ RUN, OUT = "RUN", "OUT"  # the trained run, and an output folder that must stay 
 )
 def test_bad_values_and_combinations_are_refused_with_the_fix(trained_run, tmp_path, capsys, args, message):
     args = [{RUN: str(trained_run), OUT: str(tmp_path / "out")}.get(a, a) for a in args]
+    run_before = {f.name: f.read_bytes() for f in trained_run.iterdir() if f.is_file()}
     with pytest.raises(SystemExit) as error:  # argparse exits by itself; main returns its status
         raise SystemExit(main(args))
     assert error.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before anything was written
+    assert {f.name: f.read_bytes() for f in trained_run.iterdir() if f.is_file()} == run_before
 
 
 def test_default_run_folders_never_overwrite_a_run(tmp_path, monkeypatch, capsys):
@@ -155,11 +158,13 @@ def test_default_run_folders_never_overwrite_a_run(tmp_path, monkeypatch, capsys
     assert main(["train", *tiny]) == 0
     first = (tmp_path / "runs" / "digits-vit_digits" / "last.safetensors").read_bytes()
     assert main(["train", *tiny, "--seed", "1"]) == 0  # same default name: the next free folder
-    assert "training into runs/digits-vit_digits-2/" in capsys.readouterr().err
+    assert "training into runs/digits-vit_digits-2/" in capsys.readouterr().out
     assert (tmp_path / "runs" / "digits-vit_digits" / "last.safetensors").read_bytes() == first
     assert json.loads((tmp_path / "runs" / "digits-vit_digits-2" / "config.json").read_text())["seed"] == 1
     assert main(["train", "--recipe", "digits", *tiny]) == 0  # a recipe names its folder
     assert (tmp_path / "runs" / "digits" / "config.json").exists()
+    assert main(["train", "--data", "/no/such/data", *tiny]) == 2  # refused: the folder it claimed is gone again
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["digits", "digits-vit_digits", "digits-vit_digits-2"]
 
 
 def test_out_must_be_a_folder(trained_run, tmp_path, capsys):
@@ -169,18 +174,28 @@ def test_out_must_be_a_folder(trained_run, tmp_path, capsys):
 
 
 def test_config_file_values_meet_the_flags_types(tmp_path, capsys):
-    for text, message in [("epochs: 1.5", "invalid int value"),
-                          ("hflip: [1, 2]", "is not a number"), ("spt: 3", "write true or false")]:
-        (tmp_path / "c.yaml").write_text(text)
-        with pytest.raises(SystemExit) as error:
-            raise SystemExit(main(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o")]))
-        assert error.value.code == 2 and message in capsys.readouterr().err
-    # A list option given one value in the file is a list of one; a flag still overrides the file.
-    (tmp_path / "c.yaml").write_text("milestones: 5\nhflip: 0.5\nspt: true\n")
     from vitkit.cli.main import build_parser, parse_args
 
-    args = parse_args(build_parser(), ["train", "--config", str(tmp_path / "c.yaml"), "--no-spt"])
-    assert args.milestones == [5] and args.hflip == 0.5 and args.spt is False
+    config = tmp_path / "c.yaml"
+    for command, text, message in [
+        ("train", "epochs: 1.5", "epochs in {}: '1.5' is not a whole number"),
+        ("train", "hflip: [1, 2]", "hflip in {} takes one value, not a list"),
+        ("train", "spt: 3", "spt in {} is an on/off option"),
+        ("train", "lr: -1", "--lr must be positive"),
+        ("certify", "rule: median", "rule in {} is 'median': choose one of top, threshold"),
+        ("certify", "checkpoint: runs/x", "checkpoint in {} is given on the command line"),
+        ("certify", "no_token_dropping: yes please", "no_token_dropping in {} is an on/off option"),
+    ]:
+        config.write_text(text)
+        assert main([command, "--config", str(config), "--out", str(tmp_path / "o")]) == 2
+        assert message.format(config) in capsys.readouterr().err
+    # A list option given one value in the file is a list of one; a flag still overrides the file; a key may be
+    # any long name of its option.
+    config.write_text("milestones: 5\nhflip: 0.5\nspt: true\nresized_crop_scale: [0.8, 1]\n")
+    args = parse_args(build_parser(), ["train", "--config", str(config), "--no-spt"])
+    assert args.milestones == [5] and args.hflip == 0.5 and args.spt is False and args.resized_crop_scale == [0.8, 1]
+    config.write_text("num_images: 7\n")
+    assert parse_args(build_parser(), ["certify", "RUN", "--config", str(config)]).n == 7
 
 
 def test_explain_takes_image_files_after_its_options(trained_run, tmp_path):

@@ -7,6 +7,7 @@ command line override the file. User errors print one line and exit with status 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import sys
@@ -42,6 +43,7 @@ def list_of(kind: Callable[[str], Any]) -> Callable[[str], list]:
             raise argparse.ArgumentTypeError(f"{text!r} holds no value: give one or more, separated by commas")
         return values
 
+    parse.takes_list = True  # a config file may give these as a YAML/JSON list
     return parse
 
 
@@ -127,8 +129,9 @@ def config_from_flags(args: argparse.Namespace, config_class: type, new: Callabl
     if not (run / "config.json").is_file():
         raise VitkitError(f"{run} is not a vitkit run folder (no config.json): pass the --out folder of a run")
     for flag, value in (("--out", args.out), ("--recipe", getattr(args, "recipe", None))):
-        if value:
-            raise VitkitError(f"--resume continues {run} with its saved configuration, in place: drop {flag}")
+        if value and not (flag == "--out" and Path(value).resolve() == run.resolve()):
+            raise VitkitError(f"--resume continues {run} with its saved configuration, in place: drop {flag} "
+                              "(from the command line or the --config file)")
     saved = read_config_file(run / "config.json")
     foreign = sorted(set(saved) - names)
     if foreign:
@@ -158,13 +161,29 @@ def cmd_train_boxes(args: argparse.Namespace) -> int:
 
 def stem(source: str) -> str:
     """A data source's name without folders and suffixes: path/to/asl-letters.tar.gz → asl-letters."""
-    return Path(source).name.split(".")[0]
+    return Path(source).resolve().name.split(".")[0] or "data"
+
+
+def new_run_folder(parent: Path, name: str, claim: bool) -> Path:
+    """The first of parent/name, name-2, name-3, ... that does not exist. With `claim` it is created at once
+    (mkdir fails if another process got there first), so runs started side by side each get their own. Under
+    torchrun nothing is created: every rank must arrive at the same folder, and none writes before all of them
+    have met in the process group's rendezvous."""
+    for copies in itertools.count(1):
+        folder = parent / (name if copies == 1 else f"{name}-{copies}")
+        if claim:
+            try:
+                folder.mkdir(parents=True)
+                return folder
+            except FileExistsError:
+                continue
+        elif not folder.exists():
+            return folder
 
 
 def run_training(args: argparse.Namespace, train, cfg, resumed: Path | None, default_name: str) -> int:
-    """Trains into --out, or into the first free runs/<default_name>[-2, -3, ...], or resumes the run folder
-    `resumed`; rank 0 prints the summary. An existing run is never overwritten. Every rank decides before any
-    of them writes (they meet first in the process group's rendezvous), so all choose the same folder."""
+    """Trains into --out (refused if it holds a run), or into a new runs/<default_name>[-2, -3, ...], or resumes
+    the run folder `resumed`; rank 0 prints the summary."""
     from vitkit import distributed
 
     def holds_run(folder: Path) -> bool:
@@ -178,13 +197,15 @@ def run_training(args: argparse.Namespace, train, cfg, resumed: Path | None, def
             raise VitkitError(f"{out} already holds a run: continue it with --resume {out}, or train into another "
                               "--out (or delete the folder)")
     else:
-        out, copies = Path("runs") / default_name, 1
-        while holds_run(out):
-            copies += 1
-            out = Path("runs") / f"{default_name}-{copies}"
+        out = new_run_folder(Path("runs"), default_name, claim=not distributed.launched())
         if os.environ.get("RANK", "0") == "0":  # torchrun's rank: the process group does not exist yet
-            print(f"vitkit: training into {out}/", file=sys.stderr)
-    summary = train(cfg, out, resume=bool(args.resume), progress=not args.quiet)
+            print(f"training into {out}/")
+    try:
+        summary = train(cfg, out, resume=bool(args.resume), progress=not args.quiet)
+    except BaseException:
+        if out.is_dir() and not any(out.iterdir()):  # a run refused before it wrote anything leaves no folder
+            out.rmdir()
+        raise
     if distributed.is_main():
         print_summary(summary, out)
     return 0
@@ -444,11 +465,12 @@ def cmd_certify(args: argparse.Namespace) -> int:
         device = distributed.setup(select_device(args.device))
         model, info, data = load_checkpoint_and_data(args, device)
         trained = info.get("ablation") or {}
-        def chosen(flag_value, key: str, default):
-            return flag_value if flag_value is not None else trained.get(key, default)
-
-        ablation = Ablation(chosen(args.ablation, "kind", "column"), chosen(args.ablation_size, "size", 4),
-                            tuple(data.image_size), chosen(args.ablation_stride, "stride", 1))
+        ablation = Ablation(  # the flags are names and positive numbers: `or` falls back only where not given
+            args.ablation or trained.get("kind", "column"),
+            args.ablation_size or trained.get("size", 4),
+            tuple(data.image_size),
+            args.ablation_stride or trained.get("stride", 1),
+        )
         check_patch_size(args.patch_size, ablation.image_size)  # before the votes: they take minutes
         if trained and (ablation.kind, ablation.size) != (trained["kind"], trained["size"]):
             print(f"note: the model was trained on {trained['kind']} ablations of width {trained['size']}, "
@@ -462,12 +484,12 @@ def cmd_certify(args: argparse.Namespace) -> int:
         progress = not args.quiet and distributed.is_main()
         votes = collect_votes(smoothed, data, device, args.batch_size, progress=progress, bf16=args.bf16,
                               info={"checkpoint": str(args.checkpoint), "data": args.data or info["data"],
-                                    "split": args.split})
+                                    "split": args.split, "bf16": args.bf16})
         seconds = time.perf_counter() - start
         if not distributed.is_main():  # rank 0 has every image's votes, and attacks and writes the report
             return 0
         summary.update(seconds=round(seconds, 2), images_per_second=len(data) / seconds, device=str(device),
-                       processes=distributed.world()[1], token_dropping=smoothed.patch_size is not None)
+                       bf16=args.bf16, processes=distributed.world()[1], token_dropping=smoothed.patch_size is not None)
         votes.save(out / "votes.safetensors")
     side = check_patch_size(args.patch_size, votes.ablation.image_size)
     sizes = sorted({m for m in sizes if m <= side} | {args.patch_size})  # larger patches cannot be placed
@@ -475,7 +497,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     if args.attack_n and not args.votes:
         summary.update(_attack_smoothed(smoothed, data, votes, args, report["delta"], device))
     summary = {
-        **{k: votes.info.get(k) for k in ("checkpoint", "data", "split", "rule", "threshold")},
+        **{k: votes.info.get(k) for k in ("checkpoint", "data", "split", "rule", "threshold", "bf16")},
         "ablation": votes.ablation.kind, "ablation_size": votes.ablation.size, "ablation_stride": votes.ablation.stride,
         **report, **summary,
     }
@@ -515,7 +537,9 @@ def _attack_smoothed(smoothed, data, votes, args: argparse.Namespace, delta: int
     certified_right = certified & (pred == votes.labels[sample])
     broken = int((certified_right & ~robust).sum())
     if broken:
-        print(f"warning: {broken} certified images fell to the patch attack: please report this as a bug", file=sys.stderr)
+        why = ("the votes were counted in bfloat16 and the attack scored in float32: near-ties may differ; certify "
+               "without --bf16 to check" if args.bf16 else "please report this as a bug")
+        print(f"warning: {broken} certified images fell to the patch attack: {why}", file=sys.stderr)
     m = args.patch_size
     return {
         "attacked_images": len(sample),
@@ -732,7 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presets", action="store_true", help="list the presets")
     p.add_argument("--image-size", type=positive_int)
     p.add_argument("--patch-size", type=positive_int)
-    p.add_argument("--num-classes", type=positive_int)
+    p.add_argument("--num-classes", type=count_or_all, help="classes of the head (0: none, a backbone)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="batch size for the memory estimate")
     p.add_argument("--out", help="also write the figures to OUT/summary.json")
 
@@ -833,26 +857,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """The command line, with a --config file's options read as if written before the flags (which win): the
-    file's values meet the same types, ranges and choices as flags."""
+    """The command line, with a --config file's options read as if written before the flags (which win). The
+    file's values meet the same types, ranges and choices as flags; an error names the file and the key."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(parser, argv)
     if getattr(args, "config", None):
         values = read_config_file(args.config)
         sub = parser._subparsers._group_actions[0].choices[args.command]  # the chosen command's parser
-        actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
+        actions = _options_by_key(sub)
         unknown = sorted(set(values) - set(actions))
         if unknown:
             raise VitkitError(f"unknown option(s) {unknown} in {args.config}: see `vitkit {args.command} --help`")
-        tokens = []
-        for key, value in values.items():
-            if actions[key].option_strings:
-                tokens += _as_flags(actions[key], value, args.config)
-            else:  # a positional (e.g. the checkpoint): a default the command line may still give
-                sub.set_defaults(**{key: value})
+        tokens = [token for key, value in values.items() for token in _as_flags(actions[key], key, value, args.config)]
         at = argv.index(args.command) + 1
         args = _parse(parser, argv[:at] + tokens + argv[at:])
     return args
+
+
+def _options_by_key(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """A command's actions by the keys a config file may use: the dest and each long name (`n`, `num_images`)."""
+    keys = {}
+    for action in parser._actions:
+        if action.dest in ("help", "config"):
+            continue
+        names = [o for o in action.option_strings if o.startswith("--")]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            names = names[:1]  # not --no-x: `no_x: true` would read as x
+        for key in [action.dest, *(o[2:].replace("-", "_") for o in names)]:
+            keys[key] = action
+    return keys
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -866,19 +899,33 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     return args
 
 
-def _as_flags(action: argparse.Action, value: Any, source: str) -> list[str]:
-    """Command-line tokens that give `value` to `action`."""
+def _as_flags(action: argparse.Action, key: str, value: Any, source: str) -> list[str]:
+    """Command-line tokens that give a config file's `value` to `action`, once it is known to be valid."""
+    if not action.option_strings:
+        raise VitkitError(f"{key} in {source} is given on the command line, not in a config file (e.g. the checkpoint "
+                          "after the command name)")
     if value is None:
         return []
     if action.nargs == 0:  # on/off flags: --x (store_true) or --x / --no-x (BooleanOptionalAction)
         if not isinstance(value, bool):
-            raise VitkitError(f"{action.dest} in {source} is an on/off option: write true or false, not {value!r}")
+            raise VitkitError(f"{key} in {source} is an on/off option: write true or false, not {value!r}")
         if isinstance(action, argparse.BooleanOptionalAction):
             return [action.option_strings[0 if value else 1]]
         return [action.option_strings[0]] if value else []
     if isinstance(value, (list, tuple)):
+        if not getattr(action.type, "takes_list", False):
+            raise VitkitError(f"{key} in {source} takes one value, not a list: {value!r}")
         value = ",".join(str(v) for v in value)
-    return [f"{action.option_strings[-1]}={value}"]
+    text = str(value)
+    try:
+        parsed = action.type(text) if action.type else text
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        kind = {"int": "a whole number", "float": "a number"}.get(getattr(action.type, "__name__", ""), "valid")
+        reason = e if isinstance(e, argparse.ArgumentTypeError) else f"{text!r} is not {kind}"
+        raise VitkitError(f"{key} in {source}: {reason}") from None
+    if action.choices is not None and parsed not in action.choices:
+        raise VitkitError(f"{key} in {source} is {parsed!r}: choose one of {', '.join(map(str, action.choices))}")
+    return [f"{action.option_strings[-1]}={text}"]
 
 
 def _version() -> str:

@@ -131,7 +131,6 @@ class BoxTrainConfig:
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}"),
             (self.normalize in NORMALIZATIONS, f"unknown --normalize {self.normalize!r}: use one of "
                                                f"{', '.join(NORMALIZATIONS)}"),
-            (self.image_size > 0, "--image-size must be positive"),
             (self.hidden > 0, "--hidden must be positive"),
             (0 <= self.head_dropout < 1, "--head-dropout must lie in [0, 1), e.g. 0.2"),
             (self.plateau_patience >= 0, "--plateau-patience must be 0 or a positive number of epochs"),

@@ -22,6 +22,7 @@ def shared_checks(cfg: Any) -> list[tuple[bool, str]]:
              and getattr(cfg, n) <= 0]
     return [
         (cfg.epochs > 0, "--epochs must be positive"),
+        (cfg.image_size is None or cfg.image_size > 0, "--image-size must be positive"),
         (cfg.batch_size > 0, "--batch-size must be positive"),
         (cfg.eval_batch_size > 0, "--eval-batch-size must be positive"),
         (cfg.lr > 0, "--lr must be positive"),
@@ -153,6 +154,7 @@ class TrainConfig:
             (len(self.resized_crop_ratio) == 2, "--resized-crop-ratio takes two values, lo,hi: e.g. 0.9,1.1"),
             (0 <= (self.dropout or 0) < 1, "--dropout must lie in [0, 1), e.g. 0.1"),
             (0 <= self.ema < 1, "--ema must lie in [0, 1)"),
+            (self.log_every >= 0, "--log-every must be 0 (automatic) or a positive number of steps"),
             (self.bf16 or not self.cpu_bf16, "--cpu-bf16 extends --bf16 to the CPU: drop --no-bf16 or --cpu-bf16"),
             (not self.pretrained or not (self.spt or self.lsa),
              "--spt and --lsa change the patch embedding and attention of a plain ViT, which timm/Hugging Face weights "
