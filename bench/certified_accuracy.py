@@ -24,16 +24,17 @@ from vitkit.smoothing import Ablation, SmoothedClassifier, Votes, certification_
 from vitkit.train import build_config, load_model, read_info, train
 
 
-def saved_votes(path: Path, run: Path, ablation: dict, images: int) -> Votes | None:
+def saved_votes(path: Path, run: Path, ablation: dict, images: int, bf16: bool) -> Votes | None:
     """The votes `vitkit certify` saved for this run's checkpoint, if they cover the whole test set with the
-    training ablation and are newer than the checkpoint."""
+    training ablation, in the same precision, and are newer than the checkpoint."""
     if not path.is_file() or path.stat().st_mtime < (run / "best.safetensors").stat().st_mtime:
         return None
     votes = Votes.load(path)
     same = (votes.ablation.kind, votes.ablation.size, votes.ablation.stride) == (
         ablation["kind"], ablation["size"], ablation.get("stride", 1))
     whole = votes.info.get("split") == "test" and len(votes.labels) == images and votes.info.get("rule") == "top"
-    return votes if same and whole and Path(votes.info.get("checkpoint", "")) == run else None
+    precision = bool(votes.info.get("bf16")) == bf16  # votes from before the key were float32
+    return votes if same and whole and precision and Path(votes.info.get("checkpoint", "")) == run else None
 
 
 def main() -> None:
@@ -69,7 +70,7 @@ def main() -> None:
     data = load_dataset(info["data"], "test", image_size=info["model"]["image_size"])
     trained = info["ablation"]
     votes_path = run / "certify" / "votes.safetensors"
-    votes = saved_votes(votes_path, run, trained, len(data))
+    votes = saved_votes(votes_path, run, trained, len(data), args.bf16)
     certification: dict = {"from_saved_votes": votes is not None}
     if votes is None:
         model, _ = load_model(run, device)
@@ -77,7 +78,7 @@ def main() -> None:
         smoothed = SmoothedClassifier(model, ablation, mean=info["mean"], std=info["std"])
         start = time.perf_counter()
         votes = collect_votes(smoothed, data, device, args.batch_size, progress=False, bf16=args.bf16,
-                              info={"checkpoint": str(run), "data": info["data"], "split": "test"})
+                              info={"checkpoint": str(run), "data": info["data"], "split": "test", "bf16": args.bf16})
         seconds = time.perf_counter() - start
         certification.update(seconds=round(seconds, 2), images_per_second=round(len(data) / seconds, 1), bf16=args.bf16)
         votes.save(votes_path)
