@@ -174,3 +174,17 @@ def test_layer_decay_scales_the_backbone_blocks_and_keeps_the_heads_at_the_peak_
         assert lr[id(p)] == pytest.approx(expected), name
     rates = [block.drop_path.p for block in trainer.model.backbone.blocks]
     assert rates == pytest.approx([0.0, 0.2])  # stochastic depth rises to --drop-path at the last block
+
+
+@pytest.mark.parametrize("cpu_bf16", [False, True])
+def test_cpu_bf16_trains_the_backbone_in_bfloat16_and_the_heads_in_float32(small_squares, tmp_path, cpu_bf16):
+    trainer = BoxTrainer(resume_config(small_squares, epochs=1, cpu_bf16=cpu_bf16), tmp_path, progress=False)
+    seen = []  # (training?, backbone block dtype, box head dtype) at each forward
+    trainer.model.backbone.blocks[0].mlp.register_forward_hook(lambda m, i, out: seen.append(("block", m.training, out.dtype)))
+    trainer.model.regressor.register_forward_hook(lambda m, i, out: seen.append(("head", m.training, out.dtype)))
+    trainer.fit()
+    trained = {(where, dtype) for where, training, dtype in seen if training}
+    assert trained == {("block", torch.bfloat16 if cpu_bf16 else torch.float32), ("head", torch.float32)}
+    assert {dtype for _, training, dtype in seen if not training} == {torch.float32}
+    with pytest.raises(VitkitError, match="--cpu-bf16 extends --bf16"):
+        resume_config(small_squares, bf16=False, cpu_bf16=True)

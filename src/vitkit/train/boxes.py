@@ -102,6 +102,8 @@ class BoxTrainConfig:
     plateau_factor: float = option(0.5, "plateau: factor of each drop")
     grad_clip: float = option(0.0, "clip the gradient norm to this value (0: off)")
     bf16: bool = option(True, "bfloat16 autocast of the backbone on CUDA (the heads stay float32; ignored on CPU)")
+    cpu_bf16: bool = option(False, "bfloat16 autocast of the backbone's training steps on the CPU too (a CPU with "
+                                   "native bfloat16: AVX512-BF16, AMX); evaluation stays float32")
     # augmentation (batched on the device; boxes move with the pixels)
     hflip: float = option(0.0, "horizontal flip probability (0 by default: a mirrored sign may be another letter)")
     crop_scale: list[float] | None = option(None, "box-safe random crop: window area range, e.g. 0.6,1.0 (>1 zooms out)")
@@ -428,7 +430,7 @@ class BoxTrainer:
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not self.progress, leave=False)
         for x, y, b in bar:
-            with autocast(self.device, cfg.bf16):
+            with autocast(self.device, cfg.bf16, cpu=cfg.cpu_bf16):
                 logits, pred = self.forward(x)
             loss, ce, bl = task_loss(logits, pred, y, b, self.balance, cfg.box_loss)
             self.optimizer.zero_grad(set_to_none=True)

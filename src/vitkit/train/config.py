@@ -35,6 +35,7 @@ def shared_checks(cfg: Any) -> list[tuple[bool, str]]:
         (0 < cfg.layer_decay <= 1, "--layer-decay must lie in (0, 1] (1: off)"),
         (cfg.freeze_blocks >= 0, "--freeze-blocks must be 0 (none) or a positive number of blocks"),
         (0 <= (cfg.drop_path or 0) < 1, "--drop-path must lie in [0, 1), e.g. 0.1"),
+        (cfg.bf16 or not cfg.cpu_bf16, "--cpu-bf16 extends --bf16 to the CPU: drop --no-bf16 or --cpu-bf16"),
         (not shape, f"{', '.join('--' + n.replace('_', '-') for n in shape)} must be positive"),
     ]
 
@@ -155,7 +156,6 @@ class TrainConfig:
             (0 <= (self.dropout or 0) < 1, "--dropout must lie in [0, 1), e.g. 0.1"),
             (0 <= self.ema < 1, "--ema must lie in [0, 1)"),
             (self.log_every >= 0, "--log-every must be 0 (automatic) or a positive number of steps"),
-            (self.bf16 or not self.cpu_bf16, "--cpu-bf16 extends --bf16 to the CPU: drop --no-bf16 or --cpu-bf16"),
             (not self.pretrained or not (self.spt or self.lsa),
              "--spt and --lsa change the patch embedding and attention of a plain ViT, which timm/Hugging Face weights "
              "do not have: train from scratch (drop --pretrained), or drop --spt/--lsa"),
