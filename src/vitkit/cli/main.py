@@ -186,14 +186,11 @@ def run_training(args: argparse.Namespace, train, cfg, resumed: Path | None, def
     the run folder `resumed`; rank 0 prints the summary."""
     from vitkit import distributed
 
-    def holds_run(folder: Path) -> bool:
-        return (folder / "config.json").exists()
-
     if resumed:
         out = resumed
     elif args.out:
         out = Path(args.out)
-        if holds_run(out):
+        if (out / "config.json").exists():
             raise VitkitError(f"{out} already holds a run: continue it with --resume {out}, or train into another "
                               "--out (or delete the folder)")
     else:
