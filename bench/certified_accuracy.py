@@ -18,10 +18,10 @@ import json
 import time
 from pathlib import Path
 
-from common import RESULTS, device_and_sync, environment, parse_sets, save_report, stored_config_equals
+from common import RESULTS, device_and_sync, environment, parse_sets, save_report, train_run
 from vitkit.data import load_dataset
 from vitkit.smoothing import Ablation, SmoothedClassifier, Votes, certification_report, collect_votes, parse_patch_sizes
-from vitkit.train import build_config, load_model, read_info, train
+from vitkit.train import build_config, load_model, read_info
 
 
 def saved_votes(path: Path, run: Path, ablation: dict, images: int, bf16: bool) -> Votes | None:
@@ -58,13 +58,7 @@ def main() -> None:
     if not cfg.ablation:
         raise SystemExit(f"recipe {args.recipe} does not train on ablations: pick one that does or --set ablation=column")
     run = args.runs / args.name
-    if (run / "config.json").is_file() and not stored_config_equals(run, cfg):
-        raise SystemExit(f"{run} holds a run of another configuration: pass another --name or --runs")
-    finished = (run / "summary.json").is_file()
-    if not finished:
-        train(cfg, run, resume=(run / "state.pt").is_file(), progress=False)
-    summary = json.loads((run / "summary.json").read_text())
-    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines() if line.strip()]
+    summary, history, finished = train_run(cfg, run)
 
     info = read_info(run)  # the model is loaded only when its votes are not saved yet
     data = load_dataset(info["data"], "test", image_size=info["model"]["image_size"])

@@ -75,6 +75,21 @@ def stored_config_equals(run: Path, cfg: Any) -> bool:
     return type(cfg)(**{k: v for k, v in stored.items() if k in known}) == cfg
 
 
+def train_run(cfg: Any, run: Path) -> tuple[dict, list[dict], bool]:
+    """Train `cfg` (a TrainConfig) into `run`, resuming an interrupted run of it, or take it as it is when
+    finished: its summary, its per-epoch history, and whether it was already finished. A folder holding a
+    run of another configuration is refused."""
+    from vitkit.train import train
+
+    if (run / "config.json").is_file() and not stored_config_equals(run, cfg):
+        raise SystemExit(f"{run} holds a run of another configuration: pass another --name or --runs")
+    finished = (run / "summary.json").is_file()
+    if not finished:
+        train(cfg, run, resume=(run / "state.pt").is_file(), progress=False)
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines() if line.strip()]
+    return json.loads((run / "summary.json").read_text()), history, finished
+
+
 def parse_value(text: str):
     """A number (YAML reads 3e-3 as a string), else YAML: true, [0.8, 1.0], a name."""
     try:

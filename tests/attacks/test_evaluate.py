@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from vitkit.attacks import Robustness, attack_outcomes, patch_attack, pgd, robust_accuracy
+from vitkit.attacks import Robustness, apgd, attack_outcomes, patch_attack, pgd, robust_accuracy, worst_case
 
 
 def attack_pgd(m, x, y, eps, g):
@@ -83,3 +83,26 @@ def test_outcomes_are_per_image_and_robust_only_where_clean_right(model):
     with torch.no_grad():
         assert torch.equal(outcomes[:, 0], model(images.float() / 255).argmax(1) == labels)
     assert outcomes[:, 2].sum() < outcomes[:, 0].sum()
+
+
+def test_worst_case_is_robust_only_where_every_attack_fails(model):
+    images, labels = data(model, n=16)
+
+    # Two deterministic "attacks" (an image's result does not depend on its batch) that fool different images.
+    def first(m, x, y, strength, g):
+        return x * strength
+
+    def second(m, x, y, strength, g):
+        return x.flip(-1)
+
+    strengths = [0.3, 0.6]
+    alone = [attack_outcomes(model, images, labels, a, strengths) for a in (first, second)]
+    together = attack_outcomes(model, images, labels, worst_case(first, second), strengths)
+    torch.testing.assert_close(together, alone[0] & alone[1])
+    # each fools images the other does not, so the check above tells "both" from "either" or "the last"
+    assert (alone[0] & ~alone[1]).any() and (~alone[0] & alone[1]).any()
+
+    randomised = worst_case(attack_pgd, lambda m, x, y, eps, g: apgd(m, x, y, eps, steps=3, loss="dlr", generator=g))
+    in_one = attack_outcomes(model, images, labels, randomised, strengths, batch_size=16, seed=2)
+    in_threes = attack_outcomes(model, images, labels, randomised, strengths, batch_size=3, seed=2)
+    torch.testing.assert_close(in_threes, in_one)

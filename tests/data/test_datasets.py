@@ -109,6 +109,21 @@ def test_train_val_split_is_stratified_and_deterministic():
     assert len(everything) == len(ds) and len(nothing) == 0
 
 
+def test_seeded_sample_is_a_reproducible_random_subset():
+    data = load_dataset("digits", "test")  # stored in no particular class order, but its rows are distinct enough
+    sample = data.sample(50, seed=3)
+    assert len(sample) == 50 and sample.classes == data.classes
+    rows = {bytes(x.numpy()): int(y) for x, y in zip(data.images, data.labels)}
+    assert all(rows[bytes(x.numpy())] == int(y) for x, y in zip(sample.images, sample.labels))  # image and label stay paired
+    assert len({bytes(x.numpy()) for x in sample.images}) >= 49  # drawn without replacement (digits has a few duplicates)
+    assert torch.equal(sample.images, data.sample(50, seed=3).images)
+    assert not torch.equal(sample.images, data.sample(50, seed=4).images)
+    assert not torch.equal(sample.images, data.images[:50])  # random, not the first images
+    expected = torch.randperm(len(data), generator=torch.Generator().manual_seed(3))[:50]
+    assert torch.equal(sample.labels, data.labels[expected])
+    assert data.sample(0, seed=3) is data and data.sample(len(data), seed=3) is data  # all of them, in order
+
+
 def test_channel_stats_match_a_plain_computation():
     ds = load_dataset("digits", "train")
     mean, std = channel_stats(ds)

@@ -1,11 +1,12 @@
-"""Adversarial robustness in pixel space: FGSM, PGD (ℓ∞, ℓ2), patch attacks, transfer attacks,
+"""Adversarial robustness in pixel space: FGSM, PGD and Auto-PGD (ℓ∞, ℓ2), patch attacks, transfer attacks,
 robust accuracy over a data set, and adversarial training (Madry et al.'s and TRADES).
 
 Attacks take any module that maps images in [0, 1] (B, C, H, W) to logits; `PixelModel` wraps a ViT
 with its normalisation. A transfer attack is `robust_accuracy(target, ..., surrogate=surrogate)`.
 """
 
-from vitkit.attacks.evaluate import Attack, Robustness, attack_outcomes, robust_accuracy
+from vitkit.attacks.apgd import apgd, dlr_loss
+from vitkit.attacks.evaluate import Attack, Robustness, attack_outcomes, robust_accuracy, worst_case
 from vitkit.attacks.noise import image_keys
 from vitkit.attacks.patch import patch_attack, patch_mask
 from vitkit.attacks.pgd import NORMS, fgsm, pgd, project
@@ -20,7 +21,9 @@ __all__ = [
     "PixelModel",
     "Robustness",
     "Trades",
+    "apgd",
     "attack_outcomes",
+    "dlr_loss",
     "eval_mode",
     "fgsm",
     "image_keys",
@@ -33,4 +36,5 @@ __all__ = [
     "project",
     "robust_accuracy",
     "trades_example",
+    "worst_case",
 ]

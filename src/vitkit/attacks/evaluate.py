@@ -17,6 +17,28 @@ from vitkit.attacks.pixel import eval_mode
 Attack = Callable[[nn.Module, Tensor, Tensor, float, torch.Generator], Tensor]
 
 
+def worst_case(*attacks: Attack) -> Attack:
+    """One attack made of several, as AutoAttack evaluates: each runs on the images the ones before left
+    classified right, and an image keeps the first adversarial version that fools the model (else the
+    last attack's). An image's result does not depend on its batch when none of the attacks' does."""
+
+    def attack(model: nn.Module, images: Tensor, labels: Tensor, strength: float, generator: torch.Generator) -> Tensor:
+        result = images.clone()
+        todo = torch.arange(len(labels), device=labels.device)
+        for one in attacks:
+            if not len(todo):
+                break
+            # However many images are left, each attack draws the same seed from the generator (the
+            # attacks here draw one each), so an image gets the random starts it would get in any batch.
+            adversarial = one(model, images[todo], labels[todo], strength, generator)
+            result[todo] = adversarial
+            with torch.no_grad():
+                todo = todo[model(adversarial).argmax(1) == labels[todo]]
+        return result
+
+    return attack
+
+
 @dataclass
 class Robustness:
     """Figures of one attack over a data set, as fractions, one per strength (ε, or a patch size)."""

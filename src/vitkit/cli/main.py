@@ -47,6 +47,12 @@ def list_of(kind: Callable[[str], Any]) -> Callable[[str], list]:
     return parse
 
 
+def apgd_loss(text: str) -> str:
+    if text not in ("ce", "dlr"):
+        raise argparse.ArgumentTypeError(f"unknown loss {text!r}: use ce, dlr or ce,dlr")
+    return text
+
+
 def int_at_least(low: int) -> Callable[[str], int]:
     """An integer ≥ low (1: a count of things; 0: a count where 0 means none or all)."""
     def parse(text: str) -> int:
@@ -257,16 +263,6 @@ def require_vit(info: dict[str, Any], checkpoint: str, what: str) -> dict[str, A
     return info
 
 
-def seeded_sample(data, n: int, seed: int):
-    """A seeded random sample of n images (all of them, in order, when n is 0 or not below the size).
-    Test sets are often stored class by class: a random sample covers every class."""
-    import torch
-
-    if not n or n >= len(data):
-        return data
-    return data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n])
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -472,7 +468,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
         if trained and (ablation.kind, ablation.size) != (trained["kind"], trained["size"]):
             print(f"note: the model was trained on {trained['kind']} ablations of width {trained['size']}, "
                   f"certifying with {ablation.kind} ablations of width {ablation.size}", file=sys.stderr)
-        data = seeded_sample(data, args.n, args.seed)
+        data = data.sample(args.n, args.seed)
         smoothed = SmoothedClassifier(
             model, ablation, mean=info["mean"], std=info["std"], rule=args.rule, threshold=args.threshold,
             drop_tokens=not args.no_token_dropping, max_batch=args.max_batch,
@@ -564,14 +560,15 @@ def _write_per_image(votes, largest_certified, path: Path) -> None:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    """Clean and robust accuracy under FGSM, PGD or a patch attack at each strength, white-box or
+    """Clean and robust accuracy under FGSM, PGD, Auto-PGD or a patch attack at each strength, white-box or
     transferred from --surrogate; the accuracy curve and example images."""
     import time
 
     import torch
 
     from vitkit import distributed
-    from vitkit.attacks import PixelModel, Robustness, attack_outcomes, fgsm, load_pixel_model, patch_attack, pgd
+    from vitkit.attacks import (PixelModel, Robustness, apgd, attack_outcomes, fgsm, load_pixel_model, patch_attack,
+                                pgd, worst_case)
     from vitkit.attacks.pgd import check_budget
     from vitkit.plots import plot_adversarial_examples, plot_robustness
     from vitkit.train import select_device
@@ -585,6 +582,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
         raise VitkitError(f"{' and '.join(given)} belong to --attack patch: drop them, or attack with patches")
     if args.attack == "fgsm" and args.step_size is not None:
         raise VitkitError("FGSM takes one step of size ε: drop --step-size, or use --attack pgd")
+    if args.attack == "apgd" and args.step_size is not None:
+        raise VitkitError("APGD sets its own step sizes (2ε, halved as it goes): drop --step-size, or use --attack pgd")
+    if args.attack != "apgd" and args.loss is not None:
+        raise VitkitError("--loss chooses the loss of --attack apgd: drop it, or attack with apgd")
     strengths = (args.patch_size or [4]) if patch else (args.eps or [2 / 255, 4 / 255, 8 / 255])
     for eps in [] if patch else strengths:
         check_budget(eps, args.norm)
@@ -600,19 +601,27 @@ def cmd_attack(args: argparse.Namespace) -> int:
                               "use a surrogate trained on the same data set")
     step = {} if args.step_size is None else {"step_size": args.step_size}  # else each attack's own default
 
+    # With --loss ce,dlr an image counts as robust only if it survives APGD with either loss.
+    apgd_losses = worst_case(*[
+        lambda m, x, y, eps, g, loss=loss: apgd(m, x, y, eps, norm=args.norm, steps=args.steps, loss=loss,
+                                                random_start=args.random_start, restarts=args.restarts, generator=g)
+        for loss in args.loss or ["ce"]])
+
     def attack(m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, strength: float, g: torch.Generator):
         if patch:
             return patch_attack(m, x, y, strength, num_positions=positions, steps=args.steps,
                                 random_start=args.random_start, generator=g, **step)[0]
         if args.attack == "fgsm":
             return fgsm(m, x, y, strength, norm=args.norm)
+        if args.attack == "apgd":
+            return apgd_losses(m, x, y, strength, g)
         return pgd(m, x, y, strength, norm=args.norm, steps=args.steps, random_start=args.random_start,
                    restarts=args.restarts, generator=g, **step)
 
     def label(strength: float) -> str:
         return f"{strength}x{strength} patch" if patch else f"ε={strength:.4f} ({strength * 255:.3g}/255)"
 
-    data = seeded_sample(data, args.n, args.seed)
+    data = data.sample(args.n, args.seed)
     start = time.perf_counter()
     share = distributed.shard(len(data))  # under torchrun each process attacks its share; all of them otherwise
     outcomes = attack_outcomes(model, data.images[share], data.labels[share], attack, strengths,
@@ -650,7 +659,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         "checkpoint": str(args.checkpoint), "surrogate": args.surrogate, "data": args.data or info["data"],
         "split": args.split, "attack": args.attack, "norm": None if patch else args.norm,
         "steps": None if args.attack == "fgsm" else args.steps, "step_size": args.step_size,
-        "restarts": args.restarts if args.attack == "pgd" else None,
+        "restarts": args.restarts if args.attack in ("pgd", "apgd") else None,
+        "loss": ",".join(args.loss or ["ce"]) if args.attack == "apgd" else None,
         "random_start": None if args.attack == "fgsm" else args.random_start, "seed": args.seed,
         **result.summary("patch" if patch else "eps"), "seconds": round(seconds, 2), "device": str(device),
         "processes": distributed.world()[1],
@@ -819,20 +829,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", default="runs/certify")
 
-    p = command("attack", cmd_attack, "clean and robust accuracy under FGSM, PGD or patch attacks, white-box or transfer")
+    p = command("attack", cmd_attack, "clean and robust accuracy under FGSM, PGD, Auto-PGD or patch attacks, white-box or transfer")
     p.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
-    p.add_argument("--attack", default="pgd", choices=["fgsm", "pgd", "patch"])
-    p.add_argument("--norm", default="linf", choices=["linf", "l2"], help="budget norm of fgsm and pgd")
+    p.add_argument("--attack", default="pgd", choices=["fgsm", "pgd", "apgd", "patch"],
+                   help="apgd: Auto-PGD (Croce & Hein 2020), no step size to tune; run it with --steps 100")
+    p.add_argument("--norm", default="linf", choices=["linf", "l2"], help="budget norm of fgsm, pgd and apgd")
+    p.add_argument("--loss", type=list_of(apgd_loss),
+                   help="apgd: ce (cross-entropy), dlr (difference of logits ratio, scale-free) or ce,dlr: both "
+                        "in turn, an image counting as robust only if it survives both (default ce)")
     p.add_argument("--eps", type=list_of(parse_number),
-                   help="budgets for pixels in [0, 1], e.g. 2/255,4/255,8/255 (fgsm, pgd; default: those three)")
+                   help="budgets for pixels in [0, 1], e.g. 2/255,4/255,8/255 (fgsm, pgd, apgd; default: those three)")
     p.add_argument("--patch-size", type=list_of(positive_int), help="patch sides in pixels, e.g. 2,4 (patch; default 4)")
     p.add_argument("--positions", type=positive_int, help="random patch positions tried per image (patch; default 4)")
-    p.add_argument("--steps", type=positive_int, default=20, help="gradient steps (pgd, patch)")
+    p.add_argument("--steps", type=positive_int, default=20, help="gradient steps (pgd, apgd, patch)")
     p.add_argument("--step-size", type=positive_number, help="step size (default pgd: 2.5·ε/steps; patch: 0.05)")
     p.add_argument("--restarts", type=positive_int, default=1,
-                   help="runs from random starts; each image keeps its worst (pgd)")
+                   help="runs from random starts; each image keeps its worst (pgd, apgd)")
     p.add_argument("--random-start", action=argparse.BooleanOptionalAction, default=True,
-                   help="start from a random point of the budget (pgd, patch; default: on)")
+                   help="start from a random point of the budget (pgd, apgd, patch; default: on)")
     p.add_argument("--surrogate", help="craft the attack on this checkpoint and score it on CHECKPOINT (transfer)")
     p.add_argument("--n", "--num-images", dest="n", type=count_or_all, default=1000,
                    help="attack a seeded random sample of N images (0: all; under torchrun write --num-images)")

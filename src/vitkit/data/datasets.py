@@ -75,6 +75,13 @@ class ImageDataset:
         """The images at `index` (indices, a boolean mask or a slice), as a new data set with the same classes."""
         return ImageDataset(self.images[index].contiguous(), self.labels[index], self.classes, self.name)
 
+    def sample(self, n: int, seed: int) -> ImageDataset:
+        """A seeded random sample of n images (all of them, in order, when n is 0 or not below the size).
+        Test sets are often stored class by class: a random sample covers every class."""
+        if not n or n >= len(self):
+            return self
+        return self.subset(torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n])
+
 
 D = TypeVar("D", bound=ImageDataset)
 

@@ -1,0 +1,138 @@
+"""The README's attack table, end to end: a small CIFAR-10 ViT trained normally and three ways adversarially,
+each scored by white-box PGD and by the worst case of PGD, APGD-CE and APGD-DLR (AutoAttack's untargeted
+attacks), and a transfer attack from one normally trained model to another.
+
+Every model is the README's CIFAR-small ViT (0.31M parameters: 32/4, width 96, 4 blocks), trained into
+RUNS/NAME (an interrupted run resumes; a finished one is reused). The JSON keeps one entry per row, so
+`--only` updates some rows and leaves the others. The attack is PGD with a random start at
+each ε on a seeded sample of the test set, the same images and the same keyed random starts as
+`vitkit attack RUN --eps ... --steps S --n N`. Adversarial training uses a CPU budget: PGD-2 with steps of
+5/255 at ε = 8/255.
+
+    PYTHONPATH=src OMP_NUM_THREADS=2 python bench/robustness.py --data ../shared/datasets/cifar10-jpg.tar.gz
+    PYTHONPATH=src python bench/robustness.py --only standard,madry-2ep --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from common import RESULTS, device_and_sync, environment, parse_sets, save_report, train_run
+from vitkit.attacks import Robustness, apgd, attack_outcomes, load_pixel_model, pgd, worst_case
+from vitkit.data import load_dataset
+from vitkit.train import build_config
+
+SMALL = dict(model="vit_lite_32", dim=96, depth=4, heads=3, mlp_dim=192, lr=2e-3, warmup_epochs=0.5, hflip=0.5,
+             crop_padding=4, label_smoothing=0.1)
+ADVERSARIAL = dict(adv="pgd", eps=8 / 255, adv_steps=2, adv_step_size=5 / 255)
+# name: (what the row is, training options beyond SMALL)
+MODELS = {
+    "standard": ("standard training", dict(epochs=4)),
+    "standard-seed1": ("standard training, seed 1 (the transfer target)", dict(epochs=4, seed=1)),
+    "half-half": ("seed 002's half-half PGD training (half of each batch adversarial)", dict(epochs=3, **ADVERSARIAL)),
+    "half-half-2ep": ("half-half, 2 epochs", dict(epochs=2, **ADVERSARIAL)),
+    "madry-2ep": ("Madry et al. (all adversarial, --adv-mix 0), 2 epochs", dict(epochs=2, **ADVERSARIAL, adv_mix=0.0)),
+    "trades-2ep": ("TRADES β = 6 (--adv trades), 2 epochs", dict(epochs=2, **{**ADVERSARIAL, "adv": "trades"},
+                                                                 trades_beta=6.0)),
+}
+TRANSFER = ("transfer", "standard-seed1", "standard")  # row name, target, surrogate
+
+
+def eps_list(text: str) -> list[float]:
+    """'2/255,4/255,8/255' -> [2/255, 4/255, 8/255]."""
+    values = []
+    for item in text.split(","):
+        top, _, bottom = item.partition("/")
+        values.append(float(top) / float(bottom or 1))
+    return values
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="cifar10", help="cifar10 (official archive) or the JPEG copy's .tar.gz")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--only", help=f"comma-separated rows, of {', '.join([*MODELS, TRANSFER[0]])} (default all)")
+    parser.add_argument("--eps", type=eps_list, default=eps_list("2/255,4/255,8/255"), help="ℓ∞ budgets in [0, 1] units")
+    parser.add_argument("--steps", type=int, default=20, help="PGD steps")
+    parser.add_argument("--apgd-steps", type=int, default=100,
+                        help="then APGD-CE and APGD-DLR with this many steps on what PGD left (0: PGD only)")
+    parser.add_argument("--images", type=int, default=1000, help="a seeded random sample of the test set (0: all)")
+    parser.add_argument("--seed", type=int, default=0, help="the sample's and the random starts' seed")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a training option of every model (a quick check: --set epochs=1)")
+    parser.add_argument("--runs", type=Path, default=Path("runs/robustness"), help="run folders")
+    parser.add_argument("--out", type=Path, help="JSON (default bench/results/robustness-<device>.json)")
+    args = parser.parse_args()
+
+    rows = [*MODELS, TRANSFER[0]]
+    wanted = rows if args.only is None else args.only.split(",")
+    if set(wanted) - set(rows):
+        raise SystemExit(f"--only {args.only}: the rows are {', '.join(rows)}")
+    if TRANSFER[0] in wanted:  # the transfer row needs its two models
+        wanted = [*dict.fromkeys([*wanted, *TRANSFER[1:]])]
+    device, sync = device_and_sync(args.device)
+    overrides = parse_sets(args.set)
+
+    trained = {}
+    for name in [n for n in MODELS if n in wanted]:
+        cfg = build_config(flag_values={"data": args.data, "device": str(device), **SMALL, **MODELS[name][1], **overrides})
+        summary, history, finished = train_run(cfg, args.runs / name)
+        trained[name] = {"row": MODELS[name][0], "options": MODELS[name][1], "reused_finished_run": finished,
+                         "epochs": len(history), "train_seconds": round(sum(r["epoch_seconds"] for r in history), 1),
+                         "test_accuracy_full_test_set": summary["test_accuracy"], "config": cfg.to_dict()}
+
+    def attack(m, x, y, eps, g):
+        return pgd(m, x, y, eps, steps=args.steps, generator=g)
+
+    # AutoAttack's way of counting: an image is robust only if PGD, APGD-CE and APGD-DLR all fail on it.
+    strongest = worst_case(attack, *[lambda m, x, y, eps, g, loss=loss: apgd(m, x, y, eps, steps=args.apgd_steps,
+                                                                              loss=loss, generator=g)
+                                     for loss in ("ce", "dlr")])
+
+    models = {name: load_pixel_model(args.runs / name, device) for name in trained}
+    info = next(iter(models.values()))[1]
+    data = load_dataset(info["data"], "test", image_size=info["model"]["image_size"]).sample(args.images, args.seed)
+    pairs = [(name, name, None) for name in trained if name in wanted]
+    if TRANSFER[0] in wanted:
+        pairs.append(TRANSFER)
+    out = args.out or RESULTS / f"robustness-{device.type}.json"
+    results = json.loads(out.read_text()) if out.is_file() else {"rows": {}}
+    settings = {"data": args.data, "images": len(data), "seed": args.seed, "attack": "pgd", "norm": "linf",
+                "steps": args.steps, "step_size": "2.5·ε/steps", "random_start": True, "eps": args.eps,
+                "worst_case": f"PGD-{args.steps}, then APGD-CE and APGD-DLR with {args.apgd_steps} steps each on the "
+                              "images still right (white-box rows)" if args.apgd_steps else None,
+                "training_overrides": overrides,
+                "command": f"vitkit attack RUN --eps ... --steps {args.steps} --n {args.images} --seed {args.seed}"}
+    for row, target, surrogate in pairs:
+        sync()
+        start = time.perf_counter()
+        outcomes = attack_outcomes(models[target][0], data.images, data.labels, attack, args.eps,
+                                   surrogate=models[surrogate][0] if surrogate else None,
+                                   batch_size=args.batch_size, seed=args.seed)
+        sync()
+        figures = Robustness.from_outcomes(args.eps, outcomes)
+        results["rows"][row] = {**environment(device), "settings": settings, **(trained[row] if row in trained else {"row": f"PGD on {surrogate}, scored on {target}"}),
+                        "target": target, "surrogate": surrogate, "clean_accuracy": figures.clean_accuracy,
+                        "robust_accuracy": figures.robust_accuracy, "attack_success_rate": figures.success_rate,
+                        "attack_seconds": round(time.perf_counter() - start, 1)}
+        print(f"{row:>16s}  clean {figures.clean_accuracy:.3f}  PGD "
+              + "  ".join(f"{eps * 255:.3g}/255: {r:.3f}" for eps, r in zip(args.eps, figures.robust_accuracy)))
+        if args.apgd_steps and surrogate is None:
+            start = time.perf_counter()
+            worst = Robustness.from_outcomes(args.eps, attack_outcomes(
+                models[target][0], data.images, data.labels, strongest, args.eps, batch_size=args.batch_size,
+                seed=args.seed))
+            sync()
+            results["rows"][row].update(worst_case_robust_accuracy=worst.robust_accuracy,
+                                        worst_case_seconds=round(time.perf_counter() - start, 1))
+            print(f"{'':>16s}  {'':11s}  + APGD-CE, APGD-DLR "
+                  + "  ".join(f"{eps * 255:.3g}/255: {r:.3f}" for eps, r in zip(args.eps, worst.robust_accuracy)))
+    save_report(results, out)
+
+
+if __name__ == "__main__":
+    main()
