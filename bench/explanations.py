@@ -3,9 +3,9 @@ rollout in several settings, gradient-weighted rollout, one layer's raw attentio
 
 The model is the README's CIFAR-small ViT (0.31M parameters: 32/4, width 96, 4 blocks, 6 epochs), trained
 into RUNS/cifar-small (an interrupted run resumes; a finished one is reused), or any ViT run given with
---checkpoint. The images are a seeded random sample of the test set, the same as `vitkit explain RUN
---evaluate --n-eval N --method M` scores, so the rows `rollout`, `grad_rollout` and `random` are that
-command's figures. Deletion hides the most relevant patches first (lower AUC is better), insertion reveals
+--checkpoint. The images are the first N of a seeded permutation of the test set, the ones `vitkit explain
+RUN --evaluate --n-eval N` scores, so the rows `rollout`, `grad_rollout` and `random` are that command's
+figures. Deletion hides the most relevant patches first (lower AUC is better), insertion reveals
 them first (higher is better); both follow the probability of the originally predicted class.
 
     PYTHONPATH=src OMP_NUM_THREADS=2 python bench/explanations.py --data ../shared/datasets/cifar10-jpg.tar.gz
@@ -66,8 +66,9 @@ def main() -> None:
                    "train_seconds": round(sum(r["epoch_seconds"] for r in history), 1), "config": cfg.to_dict()}
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
     model, info = load_model(run, device)
-    # The order of `vitkit explain`: a seeded permutation of the test set, its first N images scored.
-    data = load_dataset(info["data"], "test", image_size=info["model"]["image_size"]).sample(args.images, args.seed)
+    # The order of `vitkit explain`: a seeded permutation of the whole test set, its first N images scored.
+    data = load_dataset(info["data"], "test", image_size=info["model"]["image_size"])
+    data = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[: args.images])
     mean = torch.tensor(info["mean"], device=device)[:, None, None]
     std = torch.tensor(info["std"], device=device)[:, None, None]
 

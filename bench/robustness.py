@@ -72,13 +72,12 @@ def main() -> None:
     wanted = rows if args.only is None else args.only.split(",")
     if set(wanted) - set(rows):
         raise SystemExit(f"--only {args.only}: the rows are {', '.join(rows)}")
-    if TRANSFER[0] in wanted:  # the transfer row needs its two models
-        wanted = [*dict.fromkeys([*wanted, *TRANSFER[1:]])]
+    needed = [*wanted, *TRANSFER[1:]] if TRANSFER[0] in wanted else wanted  # the transfer row needs its two models
     device, sync = device_and_sync(args.device)
     overrides = parse_sets(args.set)
 
     trained = {}
-    for name in [n for n in MODELS if n in wanted]:
+    for name in [n for n in MODELS if n in needed]:
         cfg = build_config(flag_values={"data": args.data, "device": str(device), **SMALL, **MODELS[name][1], **overrides})
         summary, history, finished = train_run(cfg, args.runs / name)
         trained[name] = {"row": MODELS[name][0], "options": MODELS[name][1], "reused_finished_run": finished,
@@ -106,7 +105,8 @@ def main() -> None:
                 "worst_case": f"PGD-{args.steps}, then APGD-CE and APGD-DLR with {args.apgd_steps} steps each on the "
                               "images still right (white-box rows)" if args.apgd_steps else None,
                 "training_overrides": overrides,
-                "command": f"vitkit attack RUN --eps ... --steps {args.steps} --n {args.images} --seed {args.seed}"}
+                "command": f"vitkit attack RUN [--surrogate RUN] --eps ... --steps {args.steps} --n {args.images} "
+                           f"--seed {args.seed}"}
     for row, target, surrogate in pairs:
         sync()
         start = time.perf_counter()

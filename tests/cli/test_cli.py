@@ -7,7 +7,7 @@ import sys
 import pytest
 from PIL import Image
 
-from vitkit.attacks import apgd, attack_outcomes, load_pixel_model
+from vitkit.attacks import apgd, attack_outcomes, load_pixel_model, worst_case
 from vitkit.cli.main import main
 from vitkit.data import load_dataset
 
@@ -127,6 +127,7 @@ RUN, OUT = "RUN", "OUT"  # the trained run, and an output folder that must stay 
         (["attack", RUN, "--attack", "apgd", "--step-size", "0.1", "--out", OUT], "sets its own step sizes"),
         (["attack", RUN, "--loss", "dlr", "--out", OUT], "--loss chooses the loss of --attack apgd"),
         (["attack", RUN, "--attack", "apgd", "--loss", "ce,hinge", "--out", OUT], "use ce, dlr or ce,dlr"),
+        (["attack", RUN, "--attack", "apgd", "--loss", "ce,ce", "--out", OUT], "names a loss twice"),
         (["certify", RUN, "--patch-size", "20", "--out", OUT], "does not fit 8-pixel images"),
         (["info", "vit_nope"], "neither a preset"),
         (["train", "--warmup-epochs", "-3", "--out", OUT], "--warmup-epochs must be 0"),
@@ -278,16 +279,18 @@ def test_attack_reports_clean_and_robust_accuracy(trained_run, tmp_path, capsys)
     assert summary["surrogate"] == str(trained_run) and 0 <= summary["robust_accuracy_patch_3"] <= 1
     assert main(["attack", str(trained_run), "--attack", "fgsm", "--norm", "l2", "--eps", "0.5", "--n", "30",
                  "--device", "cpu", "--out", str(tmp_path / "fgsm")]) == 0
-    # Auto-PGD with the DLR loss: the CLI's per-image outcomes are the library's on the same sample.
+    # Auto-PGD with both losses and restarts: the CLI's per-image outcomes are the library's on the same sample.
     out = tmp_path / "apgd"
-    assert main(["attack", str(trained_run), "--attack", "apgd", "--loss", "dlr", "--eps", "8/255", "--steps", "5",
-                 "--n", "30", "--examples", "0", "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["attack", str(trained_run), "--attack", "apgd", "--loss", "ce,dlr", "--restarts", "2", "--eps",
+                 "2/255,8/255", "--steps", "5", "--n", "30", "--examples", "0", "--device", "cpu", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["attack"] == "apgd" and summary["loss"] == "dlr" and summary["steps"] == 5
+    assert summary["attack"] == "apgd" and summary["loss"] == "ce,dlr" and summary["steps"] == 5
+    assert summary["restarts"] == 2
     model, info = load_pixel_model(trained_run, "cpu")
     data = load_dataset(info["data"], "test").sample(30, 0)
-    expected = attack_outcomes(model, data.images, data.labels,
-                               lambda m, x, y, e, g: apgd(m, x, y, e, steps=5, loss="dlr", generator=g), [8 / 255])
+    ce, dlr = [lambda m, x, y, e, g, loss=loss: apgd(m, x, y, e, steps=5, loss=loss, restarts=2, generator=g)
+               for loss in ("ce", "dlr")]
+    expected = attack_outcomes(model, data.images, data.labels, worst_case(ce, dlr), [2 / 255, 8 / 255])
     rows = [line.split(",")[2:] for line in (out / "per_image.csv").read_text().splitlines()[1:]]
     assert rows == [[str(int(v)) for v in row] for row in expected.tolist()]
     assert main(["attack", str(trained_run), "--attack", "patch", "--patch-size", "9", "--device", "cpu",

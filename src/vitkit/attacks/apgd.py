@@ -21,7 +21,7 @@ from vitkit.attacks.pixel import Loss, check_pixels, cross_entropy, eval_mode, i
 from vitkit.errors import VitkitError
 
 MOMENTUM = 0.75  # α: the weight of the new step against the last move
-RHO = 0.75  # a step is halved when the loss rose in fewer than ρ of the iterations since the last checkpoint
+RHO = 0.75  # a step is halved when the loss rose in at most ρ of the iterations since the last checkpoint
 
 
 def dlr_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -58,7 +58,7 @@ def apgd(
         worst case, are the untargeted part of AutoAttack.
     steps: iterations (Croce & Hein: 100); the step-size schedule scales with them.
     random_start, restarts, generator: as in `pgd`; each image keeps its first misclassified point, else
-        the point of highest loss.
+        its point of highest loss (between restarts, of highest cross-entropy, whatever `loss`).
     """
     check_pixels(images, labels)
     check_budget(eps, norm)
@@ -102,7 +102,9 @@ def _one_run(
     marks = checkpoints(steps)
     windows = {w: w - v for v, w in zip(marks, marks[1:])}
     rises = torch.zeros(len(images), dtype=torch.long, device=images.device)
-    halved_last = torch.zeros(len(images), dtype=torch.bool, device=images.device)
+    # As in the authors' code (fra31/auto-attack), which AutoAttack figures come from: the first checkpoint
+    # counts as following a halving, and condition 1 is "at most" ρ of the window.
+    halved_last = torch.ones(len(images), dtype=torch.bool, device=images.device)
     best_at_last_mark = best_value.clone()
     current = previous = start
     for k in range(steps):
@@ -117,13 +119,16 @@ def _one_run(
         best_value = torch.where(better, new_value, best_value)
         best_point[better], best_grad[better] = moved[better], new_grad[better]
         previous, current, value, grad = current, moved, new_value, new_grad
+        if fooled.all():  # every image keeps its first success: nothing left to do
+            break
         if k + 1 in windows:
             # Halve where the loss rose too rarely, or where it was not halved last time and the best has
-            # not improved since; those images go on from their best point, without momentum.
-            halve = (rises < RHO * windows[k + 1]) | (~halved_last & (best_value <= best_at_last_mark))
+            # not improved since; those images go on from their best point (the next step's momentum is
+            # the move from the last iterate to it, as in the paper).
+            halve = (rises <= RHO * windows[k + 1]) | (~halved_last & (best_value <= best_at_last_mark))
             step = torch.where(halve, step / 2, step)
             back = halve.view(per_image)
-            current, previous = torch.where(back, best_point, current), torch.where(back, best_point, previous)
+            current = torch.where(back, best_point, current)
             value, grad = torch.where(halve, best_value, value), torch.where(back, best_grad, grad)
             halved_last, best_at_last_mark = halve, best_value.clone()
             rises.zero_()

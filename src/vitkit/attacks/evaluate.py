@@ -20,7 +20,8 @@ Attack = Callable[[nn.Module, Tensor, Tensor, float, torch.Generator], Tensor]
 def worst_case(*attacks: Attack) -> Attack:
     """One attack made of several, as AutoAttack evaluates: each runs on the images the ones before left
     classified right, and an image keeps the first adversarial version that fools the model (else the
-    last attack's). An image's result does not depend on its batch when none of the attacks' does."""
+    last attack's). An image's result does not depend on its batch when none of the attacks' does.
+    "Fools" means fools `model`, the one attacked: in a transfer attack, the surrogate."""
 
     def attack(model: nn.Module, images: Tensor, labels: Tensor, strength: float, generator: torch.Generator) -> Tensor:
         result = images.clone()
@@ -32,7 +33,7 @@ def worst_case(*attacks: Attack) -> Attack:
             # attacks here draw one each), so an image gets the random starts it would get in any batch.
             adversarial = one(model, images[todo], labels[todo], strength, generator)
             result[todo] = adversarial
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(model):
                 todo = todo[model(adversarial).argmax(1) == labels[todo]]
         return result
 

@@ -96,6 +96,8 @@ def check_pixels(images: Tensor, labels: Tensor) -> None:
         raise VitkitError(
             f"attacks take images (B, C, H, W) and labels (B,), got {tuple(images.shape)} and {tuple(labels.shape)}"
         )
+    if not images.numel():
+        return
     lo, hi = torch.stack(torch.aminmax(images)).tolist()  # one device synchronisation
     if lo < 0 or hi > 1:
         raise VitkitError(

@@ -576,7 +576,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     patch = args.attack == "patch"
     if patch and args.eps is not None:
-        raise VitkitError("--eps is the budget of fgsm and pgd; a patch attack's is --patch-size: drop --eps")
+        raise VitkitError("--eps is the budget of fgsm, pgd and apgd; a patch attack's is --patch-size: drop --eps")
     given = [flag for flag, value in (("--patch-size", args.patch_size), ("--positions", args.positions)) if value]
     if not patch and given:
         raise VitkitError(f"{' and '.join(given)} belong to --attack patch: drop them, or attack with patches")
@@ -586,6 +586,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         raise VitkitError("APGD sets its own step sizes (2ε, halved as it goes): drop --step-size, or use --attack pgd")
     if args.attack != "apgd" and args.loss is not None:
         raise VitkitError("--loss chooses the loss of --attack apgd: drop it, or attack with apgd")
+    if args.loss and len(set(args.loss)) < len(args.loss):
+        raise VitkitError(f"--loss {','.join(args.loss)} names a loss twice: for more runs use --restarts")
     strengths = (args.patch_size or [4]) if patch else (args.eps or [2 / 255, 4 / 255, 8 / 255])
     for eps in [] if patch else strengths:
         check_budget(eps, args.norm)
@@ -593,6 +595,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
     device = distributed.setup(select_device(args.device))
     base, info, data = load_checkpoint_and_data(args, device)
     model = PixelModel(base, info["mean"], info["std"])
+    if "dlr" in (args.loss or []) and len(info["classes"]) < 3:
+        raise VitkitError(f"the DLR loss needs at least 3 classes, {args.checkpoint} has {len(info['classes'])}: "
+                          "use --loss ce")
     surrogate = None
     if args.surrogate:
         surrogate, surrogate_info = load_pixel_model(args.surrogate, device)
