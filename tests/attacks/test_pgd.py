@@ -1,25 +1,14 @@
-"""FGSM and PGD: budgets, exact special cases, batching invariance, closed-form optima."""
+"""FGSM, PGD and Auto-PGD: budgets and the pixel box; for PGD exact special cases, batching invariance, closed-form optima."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.attacks import NORMS, fgsm, pgd
+from attack_helpers import EPS, distance, seeded
+from vitkit.attacks import NORMS, apgd, fgsm, pgd
 from vitkit.attacks.noise import image_keys, normal, uniform
 from vitkit.errors import VitkitError
-
-EPS = {"linf": 8 / 255, "l2": 0.5}
-
-
-def seeded(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def distance(a, b, norm):
-    d = (a - b).flatten(1)
-    return d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
-
 
 ATTACKS = {
     "fgsm": lambda m, x, y, eps, norm: fgsm(m, x, y, eps, norm=norm),
@@ -27,6 +16,8 @@ ATTACKS = {
     "pgd-restarts": lambda m, x, y, eps, norm: pgd(m, x, y, eps, norm=norm, steps=3, restarts=3, generator=seeded()),
     "pgd-targeted": lambda m, x, y, eps, norm: pgd(m, x, (y + 1) % 4, eps, norm=norm, targeted=True, steps=5),
     "pgd-big-steps": lambda m, x, y, eps, norm: pgd(m, x, y, eps, norm=norm, steps=4, step_size=3 * eps),
+    "apgd-ce": lambda m, x, y, eps, norm: apgd(m, x, y, eps, norm=norm, steps=6, restarts=2, generator=seeded()),
+    "apgd-dlr": lambda m, x, y, eps, norm: apgd(m, x, y, eps, norm=norm, steps=6, loss="dlr", generator=seeded()),
 }
 
 

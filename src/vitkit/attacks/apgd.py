@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from vitkit.attacks.noise import draw_seed, image_keys
-from vitkit.attacks.pgd import ascent_direction, check_budget, keep_worst, project, start_in_ball
-from vitkit.attacks.pixel import Loss, check_pixels, cross_entropy, eval_mode, input_gradient
+from vitkit.attacks.pgd import ascent_direction, check_attack, keep_worst, project, start_in_ball
+from vitkit.attacks.pixel import Loss, cross_entropy, eval_mode, input_gradient
 from vitkit.errors import VitkitError
 
 MOMENTUM = 0.75  # α: the weight of the new step against the last move
@@ -60,12 +60,7 @@ def apgd(
     random_start, restarts, generator: as in `pgd`; each image keeps its first misclassified point, else
         its point of highest loss (between restarts, of highest cross-entropy, whatever `loss`).
     """
-    check_pixels(images, labels)
-    check_budget(eps, norm)
-    if steps < 1 or restarts < 1:
-        raise VitkitError(f"APGD needs at least one step and one run, got steps={steps}, restarts={restarts}")
-    if restarts > 1 and not random_start:
-        raise VitkitError("restarts without a random start repeat the same run: turn on random_start or use 1 run")
+    check_attack(images, labels, eps, norm, steps, restarts, random_start)
     if loss not in LOSSES:
         raise VitkitError(f"unknown APGD loss {loss!r}: use one of {', '.join(LOSSES)}")
     keys = image_keys(images, draw_seed(generator)) if random_start else None

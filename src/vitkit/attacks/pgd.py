@@ -123,6 +123,17 @@ def check_budget(eps: float, norm: str) -> None:
         raise VitkitError(f"an ℓ∞ budget ε = {eps} exceeds the pixel range [0, 1]: pass a fraction, e.g. 8/255")
 
 
+def check_attack(images: Tensor, labels: Tensor, eps: float, norm: str, steps: int, restarts: int,
+                 random_start: bool) -> None:
+    """The user errors common to the iterative attacks, each raised as a VitkitError that names the fix."""
+    check_pixels(images, labels)
+    check_budget(eps, norm)
+    if steps < 1 or restarts < 1:
+        raise VitkitError(f"an attack needs at least one step and one run, got steps={steps}, restarts={restarts}")
+    if restarts > 1 and not random_start:
+        raise VitkitError("restarts without a random start repeat the same run: turn on random_start or use 1 run")
+
+
 def fgsm(
     model: nn.Module, images: Tensor, labels: Tensor, eps: float, *, norm: str = "linf", targeted: bool = False
 ) -> Tensor:
@@ -152,12 +163,7 @@ def pgd(
         its highest loss, and later runs skip the images already fooled.
     generator: where the seed of the random starts comes from (default torch's global generator).
     """
-    check_pixels(images, labels)
-    check_budget(eps, norm)
-    if steps < 1 or restarts < 1:
-        raise VitkitError(f"PGD needs at least one step and one run, got steps={steps}, restarts={restarts}")
-    if restarts > 1 and not random_start:
-        raise VitkitError("restarts without a random start repeat the same run: turn on random_start or use 1 run")
+    check_attack(images, labels, eps, norm, steps, restarts, random_start)
     step_size = 2.5 * eps / steps if step_size is None else step_size
     keys = image_keys(images, draw_seed(generator)) if random_start else None
 
