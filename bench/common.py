@@ -18,6 +18,12 @@ import vitkit
 RESULTS = Path(__file__).parent / "results"
 
 
+# The README's CIFAR-small ViT (0.31M parameters: 32/4, width 96, 4 blocks) and its training options, shared by
+# the attack table (bench/robustness.py) and the explanation scores (bench/explanations.py); epochs are theirs.
+CIFAR_SMALL = dict(model="vit_lite_32", dim=96, depth=4, heads=3, mlp_dim=192, lr=2e-3, warmup_epochs=0.5, hflip=0.5,
+                   crop_padding=4, label_smoothing=0.1)
+
+
 def cpu_name() -> str:
     # platform.processor() is often empty or just "x86_64" on Linux; /proc/cpuinfo has the model.
     try:

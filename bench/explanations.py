@@ -21,14 +21,12 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, device_and_sync, environment, save_report, train_run
+from common import CIFAR_SMALL, RESULTS, device_and_sync, environment, save_report, train_run
 from vitkit.data import load_dataset
 from vitkit.explain import patch_relevance
 from vitkit.explain.evaluate import evaluate_explanations
 from vitkit.train import build_config, load_model
 
-SMALL = dict(model="vit_lite_32", dim=96, depth=4, heads=3, mlp_dim=192, epochs=6, lr=2e-3, warmup_epochs=0.5,
-             hflip=0.5, crop_padding=4, label_smoothing=0.1)
 # name: (method, options): the `vitkit explain --method M` options of each row
 METHODS = {
     "rollout": ("rollout", {}),  # head mean, nothing discarded, A + I row-normalised: the CLI's defaults
@@ -60,7 +58,7 @@ def main() -> None:
     run, trained = args.checkpoint, {}
     if run is None:
         run = args.runs / "cifar-small"
-        cfg = build_config(flag_values={"data": args.data, "device": str(device), **SMALL})
+        cfg = build_config(flag_values={"data": args.data, "device": str(device), **CIFAR_SMALL, "epochs": 6})
         _, history, finished = train_run(cfg, run)
         trained = {"reused_finished_run": finished, "epochs": len(history),
                    "train_seconds": round(sum(r["epoch_seconds"] for r in history), 1), "config": cfg.to_dict()}

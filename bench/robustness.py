@@ -20,15 +20,14 @@ import json
 import time
 from pathlib import Path
 
-from common import RESULTS, device_and_sync, environment, parse_sets, save_report, train_run
+from common import CIFAR_SMALL, RESULTS, device_and_sync, environment, parse_sets, save_report, train_run
 from vitkit.attacks import Robustness, apgd, attack_outcomes, load_pixel_model, pgd, worst_case
+from vitkit.cli.main import list_of, parse_number  # the --eps syntax of `vitkit attack`
 from vitkit.data import load_dataset
 from vitkit.train import build_config
 
-SMALL = dict(model="vit_lite_32", dim=96, depth=4, heads=3, mlp_dim=192, lr=2e-3, warmup_epochs=0.5, hflip=0.5,
-             crop_padding=4, label_smoothing=0.1)
 ADVERSARIAL = dict(adv="pgd", eps=8 / 255, adv_steps=2, adv_step_size=5 / 255)
-# name: (what the row is, training options beyond SMALL)
+# name: (what the row is, training options beyond CIFAR_SMALL)
 MODELS = {
     "standard": ("standard training", dict(epochs=4)),
     "standard-seed1": ("standard training, seed 1 (the transfer target)", dict(epochs=4, seed=1)),
@@ -41,21 +40,12 @@ MODELS = {
 TRANSFER = ("transfer", "standard-seed1", "standard")  # row name, target, surrogate
 
 
-def eps_list(text: str) -> list[float]:
-    """'2/255,4/255,8/255' -> [2/255, 4/255, 8/255]."""
-    values = []
-    for item in text.split(","):
-        top, _, bottom = item.partition("/")
-        values.append(float(top) / float(bottom or 1))
-    return values
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="cifar10", help="cifar10 (official archive) or the JPEG copy's .tar.gz")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--only", help=f"comma-separated rows, of {', '.join([*MODELS, TRANSFER[0]])} (default all)")
-    parser.add_argument("--eps", type=eps_list, default=eps_list("2/255,4/255,8/255"), help="ℓ∞ budgets in [0, 1] units")
+    parser.add_argument("--eps", type=list_of(parse_number), default=[2 / 255, 4 / 255, 8 / 255], help="ℓ∞ budgets in [0, 1] units")
     parser.add_argument("--steps", type=int, default=20, help="PGD steps")
     parser.add_argument("--apgd-steps", type=int, default=100,
                         help="then APGD-CE and APGD-DLR with this many steps on what PGD left (0: PGD only)")
@@ -78,7 +68,7 @@ def main() -> None:
 
     trained = {}
     for name in [n for n in MODELS if n in needed]:
-        cfg = build_config(flag_values={"data": args.data, "device": str(device), **SMALL, **MODELS[name][1], **overrides})
+        cfg = build_config(flag_values={"data": args.data, "device": str(device), **CIFAR_SMALL, **MODELS[name][1], **overrides})
         summary, history, finished = train_run(cfg, args.runs / name)
         trained[name] = {"row": MODELS[name][0], "options": MODELS[name][1], "reused_finished_run": finished,
                          "epochs": len(history), "train_seconds": round(sum(r["epoch_seconds"] for r in history), 1),
