@@ -1,6 +1,7 @@
-"""The README's attack table, end to end: a small CIFAR-10 ViT trained normally and three ways adversarially,
+"""The README's attack table, end to end: a small CIFAR-10 ViT trained normally and four ways adversarially,
 each scored by white-box PGD and by the worst case of PGD, APGD-CE and APGD-DLR (AutoAttack's untargeted
-attacks), and a transfer attack from one normally trained model to another.
+attacks), by the black-box Square (scores) and RayS (decisions) attacks, and a transfer attack from one
+normally trained model to another.
 
 Every model is the README's CIFAR-small ViT (0.31M parameters: 32/4, width 96, 4 blocks), trained into
 RUNS/NAME (an interrupted run resumes; a finished one is reused). The JSON keeps one entry per row, so
@@ -8,6 +9,12 @@ RUNS/NAME (an interrupted run resumes; a finished one is reused). The JSON keeps
 each ε on a seeded sample of the test set, the same images and the same keyed random starts as
 `vitkit attack RUN --eps ... --steps S --n N`. Adversarial training uses a CPU budget: PGD-2 with steps of
 5/255 at ε = 8/255.
+
+The black-box attacks cost up to --queries forward passes per image that resists them, so they run at
+--black-box-eps only (default 8/255). A black-box attack that beat the white-box ones would mean gradient
+masking; the row's `all_attacks_robust_accuracy` counts an image robust only if every attack failed.
+`--black-box-only` adds those figures to rows already in the JSON (it attacks with PGD and APGD again at
+--black-box-eps for the combined count, not at every ε).
 
     PYTHONPATH=src OMP_NUM_THREADS=2 python bench/robustness.py --data ../shared/datasets/cifar10-jpg.tar.gz
     PYTHONPATH=src python bench/robustness.py --only standard,madry-2ep --device cuda
@@ -21,7 +28,7 @@ import time
 from pathlib import Path
 
 from common import CIFAR_SMALL, RESULTS, device_and_sync, environment, parse_sets, save_report, train_run
-from vitkit.attacks import Robustness, apgd, attack_outcomes, load_pixel_model, pgd, worst_case
+from vitkit.attacks import Robustness, apgd, attack_outcomes, load_pixel_model, pgd, rays, square, worst_case
 from vitkit.cli.main import list_of, parse_number  # the --eps syntax of `vitkit attack`
 from vitkit.data import load_dataset
 from vitkit.train import build_config
@@ -36,6 +43,9 @@ MODELS = {
     "madry-2ep": ("Madry et al. (all adversarial, --adv-mix 0), 2 epochs", dict(epochs=2, **ADVERSARIAL, adv_mix=0.0)),
     "trades-2ep": ("TRADES β = 6 (--adv trades), 2 epochs", dict(epochs=2, **{**ADVERSARIAL, "adv": "trades"},
                                                                  trades_beta=6.0)),
+    # With PGD-2, τ = 0 is the one τ that changes much: an image stops at the first iterate it is misclassified at.
+    "fat-2ep": ("FAT τ = 0 (Madry's batches, each image's PGD stopped once misclassified), 2 epochs",
+                dict(epochs=2, **ADVERSARIAL, adv_mix=0.0, fat_tau=0)),
 }
 TRANSFER = ("transfer", "standard-seed1", "standard")  # row name, target, surrogate
 
@@ -49,6 +59,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="PGD steps")
     parser.add_argument("--apgd-steps", type=int, default=100,
                         help="then APGD-CE and APGD-DLR with this many steps on what PGD left (0: PGD only)")
+    parser.add_argument("--queries", type=int, default=5000,
+                        help="Square's and RayS's queries per image, white-box rows (0: no black-box attacks)")
+    parser.add_argument("--black-box-eps", type=list_of(parse_number), default=[8 / 255],
+                        help="the budgets of the black-box attacks, some of --eps")
+    parser.add_argument("--black-box-only", action="store_true",
+                        help="only add the black-box figures to the rows in the JSON (the other figures stay)")
     parser.add_argument("--images", type=int, default=1000, help="a seeded random sample of the test set (0: all)")
     parser.add_argument("--seed", type=int, default=0, help="the sample's and the random starts' seed")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -62,6 +78,10 @@ def main() -> None:
     wanted = rows if args.only is None else args.only.split(",")
     if set(wanted) - set(rows):
         raise SystemExit(f"--only {args.only}: the rows are {', '.join(rows)}")
+    if set(args.black_box_eps) - set(args.eps):
+        raise SystemExit("--black-box-eps: give budgets that are also in --eps")
+    if args.black_box_only and not args.queries:
+        raise SystemExit("--black-box-only needs --queries above 0")
     needed = [*wanted, *TRANSFER[1:]] if TRANSFER[0] in wanted else wanted  # the transfer row needs its two models
     device, sync = device_and_sync(args.device)
     overrides = parse_sets(args.set)
@@ -82,6 +102,9 @@ def main() -> None:
                                                                               loss=loss, generator=g)
                                      for loss in ("ce", "dlr")])
 
+    black_box = {"square": lambda m, x, y, eps, g: square(m, x, y, eps, queries=args.queries, generator=g),
+                 "rays": lambda m, x, y, eps, g: rays(m, x, y, eps, queries=args.queries)}
+
     models = {name: load_pixel_model(args.runs / name, device) for name in trained}
     info = next(iter(models.values()))[1]
     data = load_dataset(info["data"], "test", image_size=info["model"]["image_size"]).sample(args.images, args.seed)
@@ -97,6 +120,42 @@ def main() -> None:
                 "training_overrides": overrides,
                 "command": f"vitkit attack RUN [--surrogate RUN] --eps ... --steps {args.steps} --n {args.images} "
                            f"--seed {args.seed}"}
+
+    def add_black_box(row: str, model, white=None) -> None:
+        """Square and RayS at --black-box-eps, and the worst case of every attack there; `white`: the
+        white-box outcomes at --eps when they are at hand (else they are attacked again at --black-box-eps)."""
+        start = time.perf_counter()
+        if white is None:
+            white = attack_outcomes(model, data.images, data.labels, strongest if args.apgd_steps else attack,
+                                    args.black_box_eps, batch_size=args.batch_size, seed=args.seed)
+        else:  # column 0 is the clean image, column 1 + i the attack at --eps[i]
+            white = white[:, [0] + [1 + args.eps.index(eps) for eps in args.black_box_eps]]
+        figures, survived = {}, white
+        for name, one in black_box.items():
+            outcomes = attack_outcomes(model, data.images, data.labels, one, args.black_box_eps,
+                                       batch_size=args.batch_size, seed=args.seed)
+            figures[f"{name}_robust_accuracy"] = Robustness.from_outcomes(args.black_box_eps, outcomes).robust_accuracy
+            survived = survived & outcomes
+        sync()
+        figures["all_attacks_robust_accuracy"] = Robustness.from_outcomes(args.black_box_eps, survived).robust_accuracy
+        results["rows"][row].update(black_box_eps=args.black_box_eps, black_box_queries=args.queries, **figures,
+                                    black_box_seconds=round(time.perf_counter() - start, 1))
+        print(f"{row:>16s}  at " + ", ".join(f"{eps * 255:.3g}/255" for eps in args.black_box_eps) + ": "
+              + "  ".join(f"{key.removesuffix('_robust_accuracy')} {value}" for key, value in figures.items()))
+
+    if args.black_box_only:
+        for row, target, surrogate in pairs:
+            if surrogate is None:
+                if row not in results["rows"]:
+                    raise SystemExit(f"--black-box-only: {out} has no row {row}: run without --black-box-only first")
+                stored = results["rows"][row]["settings"]
+                if any(stored[key] != settings[key] for key in ("images", "seed", "steps", "worst_case")):
+                    raise SystemExit(f"--black-box-only: row {row} of {out} was attacked with other --images, "
+                                     "--seed, --steps or --apgd-steps: pass the same")
+                add_black_box(row, models[target][0])
+        save_report(results, out)
+        return
+
     for row, target, surrogate in pairs:
         sync()
         start = time.perf_counter()
@@ -113,14 +172,16 @@ def main() -> None:
               + "  ".join(f"{eps * 255:.3g}/255: {r:.3f}" for eps, r in zip(args.eps, figures.robust_accuracy)))
         if args.apgd_steps and surrogate is None:
             start = time.perf_counter()
-            worst = Robustness.from_outcomes(args.eps, attack_outcomes(
-                models[target][0], data.images, data.labels, strongest, args.eps, batch_size=args.batch_size,
-                seed=args.seed))
+            worst_outcomes = attack_outcomes(models[target][0], data.images, data.labels, strongest, args.eps,
+                                             batch_size=args.batch_size, seed=args.seed)
+            worst = Robustness.from_outcomes(args.eps, worst_outcomes)
             sync()
             results["rows"][row].update(worst_case_robust_accuracy=worst.robust_accuracy,
                                         worst_case_seconds=round(time.perf_counter() - start, 1))
             print(f"{'':>16s}  {'':11s}  + APGD-CE, APGD-DLR "
                   + "  ".join(f"{eps * 255:.3g}/255: {r:.3f}" for eps, r in zip(args.eps, worst.robust_accuracy)))
+        if args.queries and surrogate is None:
+            add_black_box(row, models[target][0], worst_outcomes if args.apgd_steps else outcomes)
     save_report(results, out)
 
 

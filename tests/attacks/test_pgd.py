@@ -1,12 +1,12 @@
-"""FGSM, PGD and Auto-PGD: budgets and the pixel box; for PGD exact special cases, batching invariance, closed-form optima."""
+"""FGSM, PGD and Auto-PGD, Square and RayS: budgets and the pixel box; for PGD exact special cases, batching
+invariance, closed-form optima."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from attack_helpers import EPS, distance, seeded
-from vitkit.attacks import NORMS, apgd, fgsm, pgd
+from attack_helpers import EPS, BinaryLinear, distance, seeded
+from vitkit.attacks import NORMS, apgd, fgsm, pgd, rays, square
 from vitkit.attacks.noise import image_keys, normal, uniform
 from vitkit.errors import VitkitError
 
@@ -18,11 +18,13 @@ ATTACKS = {
     "pgd-big-steps": lambda m, x, y, eps, norm: pgd(m, x, y, eps, norm=norm, steps=4, step_size=3 * eps),
     "apgd-ce": lambda m, x, y, eps, norm: apgd(m, x, y, eps, norm=norm, steps=6, restarts=2, generator=seeded()),
     "apgd-dlr": lambda m, x, y, eps, norm: apgd(m, x, y, eps, norm=norm, steps=6, loss="dlr", generator=seeded()),
+    "square": lambda m, x, y, eps, norm: square(m, x, y, eps, norm=norm, queries=50, generator=seeded()),
+    "rays": lambda m, x, y, eps, norm: rays(m, x, y, eps, queries=50),
 }
+LINF_ONLY = {"rays"}
 
 
-@pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("attack", ATTACKS)
+@pytest.mark.parametrize(("attack", "norm"), [(a, n) for a in ATTACKS for n in NORMS if n == "linf" or a not in LINF_ONLY])
 def test_budget_and_pixel_box_hold_and_the_input_is_untouched(attack, norm, model, batch):
     x, y = batch
     x[0, :, :2] = 0.0  # pixels on the edges of the box
@@ -93,18 +95,6 @@ def test_restarts_are_never_worse_than_one_run(norm, model, batch):
     loss_thrice = F.cross_entropy(logits_thrice, y, reduction="none")
     assert (loss_thrice[~fooled_thrice] >= loss_once[~fooled_thrice]).all()
     assert fooled_once.sum() < len(y)  # otherwise the check above says nothing
-
-
-class BinaryLinear(nn.Module):
-    """Logits (0, w·x + b): for true class 0 the loss log(1 + exp(w·x + b)) only grows with w·x."""
-
-    def __init__(self, w: torch.Tensor):
-        super().__init__()
-        self.w = nn.Parameter(w)
-
-    def forward(self, x):
-        z = x.flatten(1) @ self.w + 0.1
-        return torch.stack([torch.zeros_like(z), z], dim=1)
 
 
 def test_pgd_reaches_the_closed_form_optimum_of_a_linear_model():

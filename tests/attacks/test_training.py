@@ -1,4 +1,5 @@
-"""Adversarial training: the batch the trainer sees, TRADES's attack and loss, and runs end to end."""
+"""Adversarial training: the batch the trainer sees, FAT's early-stopped PGD, TRADES's attack and loss, and runs
+end to end."""
 
 import copy
 import json
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_vit
-from vitkit.attacks import Adversary, PixelModel, Trades, kl_divergence, project, trades_example
+from vitkit.attacks import Adversary, PixelModel, Trades, kl_divergence, pgd, project, trades_example
 from vitkit.attacks.noise import draw_seed, image_keys, normal
 from vitkit.errors import VitkitError
 from vitkit.train import TrainConfig, train
@@ -31,6 +32,35 @@ def test_adversary_keeps_the_clean_share_and_bounds_the_rest(attack, norm, eps):
     size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
     assert (size <= eps + 1e-5).all() and (size > eps / 2).all()
     assert ((mixed * std + mean) >= -1e-6).all() and ((mixed * std + mean) <= 1 + 1e-6).all()
+
+
+@pytest.mark.parametrize("tau", [0, 1, 2])
+def test_fat_stops_each_image_at_its_tau_plus_first_misclassified_iterate(tau):
+    # Brute force: without a random start PGD is deterministic, so iterate t is PGD with t steps (0: the image).
+    # FAT keeps the iterate where an image is found wrong for the (τ+1)-th time, else the last one.
+    model = PixelModel(tiny_vit(), MEAN, STD)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(16, 3, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+    steps, eps = 6, 16 / 255
+    iterates = [x] + [pgd(model, x, y, eps, steps=t, step_size=eps / 3, random_start=False) for t in range(1, steps + 1)]
+    with torch.no_grad():
+        wrong = torch.stack([model(it).argmax(1) != y for it in iterates[:-1]])  # (steps, B): checked before each step
+    expected = iterates[-1].clone()
+    for i in range(len(y)):
+        times = wrong[:, i].nonzero()[:, 0]
+        if len(times) > tau:
+            expected[i] = iterates[int(times[tau])][i]
+    found = pgd(model, x, y, eps, steps=steps, step_size=eps / 3, random_start=False, early_stop=tau)
+    torch.testing.assert_close(found, expected, rtol=0, atol=1e-6)
+    stopped = [i for i in range(len(y)) if wrong[:, i].sum() > tau]
+    assert 0 < len(stopped) < len(y)  # some images stop early and some run to the end: the test tells them apart
+    # Training with --fat-tau: the Adversary's batch is this attack (with PGD's random start).
+    adversary = Adversary(model.model, MEAN, STD, steps=steps, step_size=eps / 3, eps=eps, mix=0.0, early_stop=tau)
+    torch.manual_seed(7)
+    batch = adversary(model.normalize(x), y)
+    torch.manual_seed(7)
+    direct = pgd(model, model.to_pixels(model.normalize(x)), y, eps, steps=steps, step_size=eps / 3, early_stop=tau)
+    torch.testing.assert_close(batch, model.normalize(direct), rtol=0, atol=1e-6)
 
 
 def test_adversarial_training_runs_and_is_saved(tmp_path):
@@ -109,7 +139,8 @@ def test_trades_training_runs_and_is_saved(tmp_path):
     [(dict(adv="cw"), "unknown adversarial attack"), (dict(adv="pgd", adv_mix=1.0), "--adv-mix"),
      (dict(adv="pgd", eps=0.0), "--eps"), (dict(adv_norm="l1"), "--adv-norm"),
      (dict(adv="trades", adv_mix=0.0), "--adv-mix does not apply to --adv trades"),
-     (dict(adv="trades", trades_beta=-1.0), "--trades-beta")],
+     (dict(adv="trades", trades_beta=-1.0), "--trades-beta"), (dict(adv="trades", fat_tau=1), "--fat-tau"),
+     (dict(adv="pgd", fat_tau=-1), "--fat-tau")],
 )
 def test_bad_adversarial_options_are_explained(options, message):
     with pytest.raises(VitkitError, match=message):

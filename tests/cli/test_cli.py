@@ -7,7 +7,7 @@ import sys
 import pytest
 from PIL import Image
 
-from vitkit.attacks import apgd, attack_outcomes, load_pixel_model, worst_case
+from vitkit.attacks import apgd, attack_outcomes, load_pixel_model, rays, square, worst_case
 from vitkit.cli.main import main
 from vitkit.data import load_dataset
 
@@ -128,6 +128,15 @@ RUN, OUT = "RUN", "OUT"  # the trained run, and an output folder that must stay 
         (["attack", RUN, "--loss", "dlr", "--out", OUT], "--loss chooses the loss of --attack apgd"),
         (["attack", RUN, "--attack", "apgd", "--loss", "ce,hinge", "--out", OUT], "use ce, dlr or ce,dlr"),
         (["attack", RUN, "--attack", "apgd", "--loss", "ce,ce", "--out", OUT], "names a loss twice"),
+        (["attack", RUN, "--attack", "auto", "--loss", "dlr", "--out", OUT], "auto runs both"),
+        (["attack", RUN, "--attack", "square", "--steps", "3", "--out", OUT], "set their budget with --queries"),
+        (["attack", RUN, "--attack", "rays", "--no-random-start", "--out", OUT], "do not apply to --attack rays"),
+        (["attack", RUN, "--attack", "fgsm", "--restarts", "2", "--out", OUT], "use --attack pgd for iterations"),
+        (["attack", RUN, "--attack", "patch", "--restarts", "2", "--out", OUT], "--restarts do not apply"),
+        (["attack", RUN, "--attack", "square", "--step-size", "0.1", "--out", OUT], "square takes no gradient steps"),
+        (["attack", RUN, "--queries", "100", "--out", OUT], "--queries is the budget of the black-box attacks"),
+        (["attack", RUN, "--attack", "rays", "--norm", "l2", "--out", OUT], "ℓ∞ ball only"),
+        (["attack", RUN, "--attack", "square", "--surrogate", RUN, "--out", OUT], "needs no surrogate"),
         (["certify", RUN, "--patch-size", "20", "--out", OUT], "does not fit 8-pixel images"),
         (["info", "vit_nope"], "neither a preset"),
         (["train", "--warmup-epochs", "-3", "--out", OUT], "--warmup-epochs must be 0"),
@@ -293,6 +302,21 @@ def test_attack_reports_clean_and_robust_accuracy(trained_run, tmp_path, capsys)
     expected = attack_outcomes(model, data.images, data.labels, worst_case(ce, dlr), [2 / 255, 8 / 255])
     rows = [line.split(",")[2:] for line in (out / "per_image.csv").read_text().splitlines()[1:]]
     assert rows == [[str(int(v)) for v in row] for row in expected.tolist()]
+    # The ensemble (APGD-CE, APGD-DLR, Square) and RayS: the CLI's outcomes are the library's too.
+    apgd_part = [lambda m, x, y, e, g, loss=loss: apgd(m, x, y, e, steps=4, loss=loss, generator=g) for loss in ("ce", "dlr")]
+    for attack, options, library in [
+        ("auto", ["--steps", "4", "--queries", "30"],
+         worst_case(*apgd_part, lambda m, x, y, e, g: square(m, x, y, e, queries=30, generator=g))),
+        ("rays", ["--queries", "40"], lambda m, x, y, e, g: rays(m, x, y, e, queries=40)),
+    ]:
+        out = tmp_path / attack
+        assert main(["attack", str(trained_run), "--attack", attack, *options, "--eps", "2/255,8/255", "--n", "30",
+                     "--examples", "0", "--device", "cpu", "--out", str(out)]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["queries"] == int(options[-1]) and summary["random_start"] == {"auto": True}.get(attack)
+        expected = attack_outcomes(model, data.images, data.labels, library, [2 / 255, 8 / 255])
+        rows = [line.split(",")[2:] for line in (out / "per_image.csv").read_text().splitlines()[1:]]
+        assert rows == [[str(int(v)) for v in row] for row in expected.tolist()]
     assert main(["attack", str(trained_run), "--attack", "patch", "--patch-size", "9", "--device", "cpu",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "does not fit 8×8 images" in capsys.readouterr().err

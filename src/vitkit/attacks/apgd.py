@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from vitkit.attacks.noise import draw_seed, image_keys
 from vitkit.attacks.pgd import ascent_direction, check_attack, keep_worst, project, start_in_ball
-from vitkit.attacks.pixel import Loss, cross_entropy, eval_mode, input_gradient
+from vitkit.attacks.pixel import Loss, cross_entropy, eval_mode, input_gradient, margin
 from vitkit.errors import VitkitError
 
 MOMENTUM = 0.75  # α: the weight of the new step against the last move
@@ -30,9 +30,7 @@ def dlr_loss(logits: Tensor, labels: Tensor) -> Tensor:
     if logits.shape[1] < 3:
         raise VitkitError(f"the DLR loss needs at least 3 classes, the model has {logits.shape[1]}: use the 'ce' loss")
     top = logits.topk(3, dim=1).values
-    true = logits.gather(1, labels[:, None])[:, 0]
-    other = logits.scatter(1, labels[:, None], float("-inf")).amax(1)
-    return -(true - other) / (top[:, 0] - top[:, 2] + 1e-12)
+    return -margin(logits, labels) / (top[:, 0] - top[:, 2] + 1e-12)
 
 
 LOSSES: dict[str, Loss] = {"ce": cross_entropy, "dlr": dlr_loss}

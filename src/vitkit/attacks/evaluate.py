@@ -29,8 +29,8 @@ def worst_case(*attacks: Attack) -> Attack:
         for one in attacks:
             if not len(todo):
                 break
-            # However many images are left, each attack draws the same seed from the generator (the
-            # attacks here draw one each), so an image gets the random starts it would get in any batch.
+            # However many images are left, each attack draws the same seeds from the generator (the
+            # attacks here draw one, or none), so an image gets the random draws it would get in any batch.
             adversarial = one(model, images[todo], labels[todo], strength, generator)
             result[todo] = adversarial
             with torch.no_grad(), eval_mode(model):

@@ -61,18 +61,41 @@ def start_in_ball(images: Tensor, keys: Tensor, attempt: int, eps: float, norm: 
 def ascend(
     model: nn.Module, images: Tensor, labels: Tensor, start: Tensor, *, steps: int, step_size: float, eps: float,
     norm: str, targeted: bool = False, mask: Tensor | None = None, loss: Loss = cross_entropy,
+    early_stop: int | None = None,
 ) -> Tensor:
     """`steps` projected steps from `start` up the loss of `labels` (down it when targeted); with a
     mask (broadcastable to the images), only the pixels where it is 1 move. `loss` compares the
-    logits with `labels` (default the cross-entropy with classes)."""
+    logits with `labels` (default the cross-entropy with classes).
+
+    early_stop: τ of Friendly Adversarial Training (Zhang et al. 2020, PGD-K-τ), untargeted with class
+        labels: an image stops where it is found misclassified for the (τ+1)-th time, so training sees
+        adversarial examples just past the decision boundary rather than far beyond it. None: all steps.
+        Unlike the authors' code, τ does not grow with the epochs, no noise is added at each step, and a
+        stopped image still goes through the batch's forward and backward passes (no time is saved).
+    """
     adversarial = start
+    if early_stop is not None:
+        allowance = torch.full((len(images),), early_stop, dtype=torch.long, device=images.device)
+        stopped = torch.zeros(len(images), dtype=torch.bool, device=images.device)
+    predicted = {}
+
+    def loss_and_prediction(logits: Tensor, y: Tensor) -> Tensor:
+        predicted["class"] = logits.detach().argmax(1)  # the same forward gives the loss and the prediction
+        return loss(logits, y)
+
     for _ in range(steps):
-        _, grad = input_gradient(model, adversarial, labels, loss)
+        _, grad = input_gradient(model, adversarial, labels, loss if early_stop is None else loss_and_prediction)
         if targeted:
             grad = -grad
         if mask is not None:
             grad = grad * mask
-        adversarial = project(adversarial + step_size * ascent_direction(grad, norm), images, eps, norm)
+        moved = project(adversarial + step_size * ascent_direction(grad, norm), images, eps, norm)
+        if early_stop is not None:
+            wrong = (predicted["class"] != labels) & ~stopped
+            stopped |= wrong & (allowance == 0)
+            allowance -= (wrong & ~stopped).long()
+            moved = torch.where(stopped.view(-1, *[1] * (moved.ndim - 1)), adversarial, moved)  # stays put
+        adversarial = moved
     return adversarial
 
 
@@ -152,7 +175,7 @@ def fgsm(
 def pgd(
     model: nn.Module, images: Tensor, labels: Tensor, eps: float, *, norm: str = "linf", steps: int = 10,
     step_size: float | None = None, random_start: bool = True, restarts: int = 1, targeted: bool = False,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, early_stop: int | None = None,
 ) -> Tensor:
     """Projected gradient descent on the cross-entropy, in the ℓ∞ or ℓ2 ball of radius ε, in [0, 1].
 
@@ -162,8 +185,11 @@ def pgd(
     restarts: runs in all, each from another random start; each image keeps its first success, else
         its highest loss, and later runs skip the images already fooled.
     generator: where the seed of the random starts comes from (default torch's global generator).
+    early_stop: FAT's τ (see `ascend`), for adversarial training; an evaluation wants every step (None).
     """
     check_attack(images, labels, eps, norm, steps, restarts, random_start)
+    if early_stop is not None and (targeted or early_stop < 0):
+        raise VitkitError(f"early_stop = {early_stop} is FAT's τ ≥ 0, for untargeted attacks: pass e.g. 1, or None")
     step_size = 2.5 * eps / steps if step_size is None else step_size
     keys = image_keys(images, draw_seed(generator)) if random_start else None
 
@@ -171,7 +197,7 @@ def pgd(
         x = images[index]
         start = start_in_ball(x, keys[index], attempt, eps, norm) if keys is not None else x
         return ascend(model, x, labels[index], start, steps=steps, step_size=step_size, eps=eps, norm=norm,
-                      targeted=targeted)
+                      targeted=targeted, early_stop=early_stop)
 
     with eval_mode(model):
         return keep_worst(model, labels, restarts, run, targeted)[0]

@@ -74,6 +74,12 @@ def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits, labels, reduction="none")
 
 
+def margin(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-image z_y − max_{i≠y} z_i (B,): negative exactly when the image is misclassified."""
+    true = logits.gather(1, labels[:, None])[:, 0]
+    return true - logits.scatter(1, labels[:, None], float("-inf")).amax(1)
+
+
 def input_gradient(
     model: nn.Module, images: Tensor, labels: Tensor, loss: Loss = cross_entropy
 ) -> tuple[Tensor, Tensor]:

@@ -1,5 +1,6 @@
 """Adversarial training on the model at its current weights: Madry et al. (2018) replace part of every
-training batch by attacks; TRADES (Zhang et al. 2019) adds a term that pulls the prediction on an
+training batch by attacks, which FAT (Zhang et al. 2020) stops just past the decision boundary; TRADES
+(Zhang et al. 2019) adds a term that pulls the prediction on an
 attacked image towards the prediction on the clean one. The trainer's batches are normalised; the
 attacks run in pixels."""
 
@@ -21,17 +22,21 @@ ATTACKS = ("pgd", "fgsm")
 
 class Adversary:
     """Turns a normalised batch into a mix: its first `mix` share stays clean (0.5 is seed 002's
-    half-half; 0 is Madry et al.'s all-adversarial), the rest becomes PGD or FGSM examples."""
+    half-half; 0 is Madry et al.'s all-adversarial), the rest becomes PGD or FGSM examples; PGD stopped
+    early with `early_stop` = τ is Friendly Adversarial Training (Zhang et al. 2020)."""
 
     def __init__(
         self, model: nn.Module, mean: Sequence[float], std: Sequence[float], *, attack: str = "pgd",
         eps: float = 8 / 255, steps: int = 7, step_size: float = 2 / 255, norm: str = "linf", mix: float = 0.5,
+        early_stop: int | None = None,
     ):
         if attack not in ATTACKS:
             raise VitkitError(f"unknown adversarial training attack {attack!r}: use one of {', '.join(ATTACKS)}")
+        if early_stop is not None and attack != "pgd":
+            raise VitkitError("early stopping (FAT's τ) stops PGD's steps: use attack='pgd'")
         self.pixel_model = PixelModel(model, mean, std)
         self.attack, self.eps, self.norm, self.mix = attack, eps, norm, mix
-        self.steps, self.step_size = steps, step_size
+        self.steps, self.step_size, self.early_stop = steps, step_size, early_stop
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         """x: normalised images (B, C, H, W); y: labels (B,) or soft targets (B, classes) from mixup."""
@@ -44,7 +49,8 @@ class Adversary:
         if self.attack == "fgsm":
             adversarial = fgsm(m, pixels, hard, self.eps, norm=self.norm)
         else:
-            adversarial = pgd(m, pixels, hard, self.eps, norm=self.norm, steps=self.steps, step_size=self.step_size)
+            adversarial = pgd(m, pixels, hard, self.eps, norm=self.norm, steps=self.steps, step_size=self.step_size,
+                              early_stop=self.early_stop)
         return torch.cat([x[:n_clean], m.normalize(adversarial)])
 
 

@@ -559,35 +559,64 @@ def _write_per_image(votes, largest_certified, path: Path) -> None:
                         int(counts[i, votes.labels[i]]), int(top2[i, -1]), int(largest_certified[i])])
 
 
+GRADIENT_STEPS = ("pgd", "apgd", "auto", "patch")  # the attacks --steps and --random-start apply to
+RESTARTS = ("pgd", "apgd", "auto")  # the attacks --restarts applies to
+BLACK_BOX = ("square", "rays", "auto")  # the attacks that count --queries
+
+
+def check_attack_options(args: argparse.Namespace) -> None:
+    """Options that do not belong to the chosen --attack, each refused with the fix."""
+    attack, patch = args.attack, args.attack == "patch"
+    if patch and args.eps is not None:
+        raise VitkitError("--eps is the budget of the ε attacks; a patch attack's is --patch-size: drop --eps")
+    given = [flag for flag, value in (("--patch-size", args.patch_size), ("--positions", args.positions)) if value]
+    if not patch and given:
+        raise VitkitError(f"{' and '.join(given)} belong to --attack patch: drop them, or attack with patches")
+    if args.step_size is not None and attack not in ("pgd", "patch"):
+        own = {"fgsm": "FGSM takes one step of size ε", "apgd": "APGD sets its own step sizes (2ε, halved as it goes)",
+               "auto": "APGD sets its own step sizes"}.get(attack, f"{attack} takes no gradient steps")
+        raise VitkitError(f"{own}: drop --step-size, or use --attack pgd")
+    if args.loss is not None and attack != "apgd":
+        raise VitkitError("--loss chooses the loss of --attack apgd (auto runs both): drop it, or attack with apgd")
+    if args.loss and len(set(args.loss)) < len(args.loss):
+        raise VitkitError(f"--loss {','.join(args.loss)} names a loss twice: for more runs use --restarts")
+    wrong = [flag for flag, given, applies in (("--steps", args.steps is not None, GRADIENT_STEPS),
+                                               ("--restarts", args.restarts > 1, RESTARTS),
+                                               ("--no-random-start", not args.random_start, GRADIENT_STEPS))
+             if given and attack not in applies]
+    if wrong:
+        fix = "set their budget with --queries" if attack in BLACK_BOX else \
+            "try more patch positions with --positions" if patch else "use --attack pgd for iterations"
+        raise VitkitError(f"{' and '.join(wrong)} do not apply to --attack {attack}: drop them ({fix})")
+    if args.queries is not None and attack not in BLACK_BOX:
+        raise VitkitError(f"--queries is the budget of the black-box attacks (square, rays, auto): drop it, or "
+                          f"attack with one of them instead of {attack}")
+    if attack == "rays" and args.norm != "linf":
+        raise VitkitError("RayS searches the ℓ∞ ball only: use --norm linf, or --attack square for ℓ2")
+    if attack in ("square", "rays") and args.surrogate:
+        raise VitkitError(f"{attack} queries the attacked model itself, it needs no surrogate: drop --surrogate "
+                          "(a transfer attack crafts its examples on the surrogate: pgd, apgd, auto or fgsm)")
+
+
 def cmd_attack(args: argparse.Namespace) -> int:
-    """Clean and robust accuracy under FGSM, PGD, Auto-PGD or a patch attack at each strength, white-box or
-    transferred from --surrogate; the accuracy curve and example images."""
+    """Clean and robust accuracy under a white-box (FGSM, PGD, Auto-PGD, patch), black-box (Square, RayS) or
+    ensemble attack at each strength, or transferred from --surrogate; the accuracy curve and example images."""
     import time
 
     import torch
 
     from vitkit import distributed
     from vitkit.attacks import (PixelModel, Robustness, apgd, attack_outcomes, fgsm, load_pixel_model, patch_attack,
-                                pgd, worst_case)
+                                pgd, rays, square, worst_case)
     from vitkit.attacks.pgd import check_budget
     from vitkit.plots import plot_adversarial_examples, plot_robustness
     from vitkit.train import select_device
     from vitkit.train.checkpoint import write_json
 
+    check_attack_options(args)
     patch = args.attack == "patch"
-    if patch and args.eps is not None:
-        raise VitkitError("--eps is the budget of fgsm, pgd and apgd; a patch attack's is --patch-size: drop --eps")
-    given = [flag for flag, value in (("--patch-size", args.patch_size), ("--positions", args.positions)) if value]
-    if not patch and given:
-        raise VitkitError(f"{' and '.join(given)} belong to --attack patch: drop them, or attack with patches")
-    if args.attack == "fgsm" and args.step_size is not None:
-        raise VitkitError("FGSM takes one step of size ε: drop --step-size, or use --attack pgd")
-    if args.attack == "apgd" and args.step_size is not None:
-        raise VitkitError("APGD sets its own step sizes (2ε, halved as it goes): drop --step-size, or use --attack pgd")
-    if args.attack != "apgd" and args.loss is not None:
-        raise VitkitError("--loss chooses the loss of --attack apgd: drop it, or attack with apgd")
-    if args.loss and len(set(args.loss)) < len(args.loss):
-        raise VitkitError(f"--loss {','.join(args.loss)} names a loss twice: for more runs use --restarts")
+    steps = args.steps or (100 if args.attack in ("apgd", "auto") else 20)
+    queries = args.queries or 5000
     strengths = (args.patch_size or [4]) if patch else (args.eps or [2 / 255, 4 / 255, 8 / 255])
     for eps in [] if patch else strengths:
         check_budget(eps, args.norm)
@@ -595,9 +624,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
     device = distributed.setup(select_device(args.device))
     base, info, data = load_checkpoint_and_data(args, device)
     model = PixelModel(base, info["mean"], info["std"])
-    if "dlr" in (args.loss or []) and len(info["classes"]) < 3:
+    if ("dlr" in (args.loss or []) or args.attack == "auto") and len(info["classes"]) < 3:
         raise VitkitError(f"the DLR loss needs at least 3 classes, {args.checkpoint} has {len(info['classes'])}: "
-                          "use --loss ce")
+                          "use --attack apgd --loss ce")
     surrogate = None
     if args.surrogate:
         surrogate, surrogate_info = load_pixel_model(args.surrogate, device)
@@ -606,21 +635,30 @@ def cmd_attack(args: argparse.Namespace) -> int:
                               "use a surrogate trained on the same data set")
     step = {} if args.step_size is None else {"step_size": args.step_size}  # else each attack's own default
 
-    # With --loss ce,dlr an image counts as robust only if it survives APGD with either loss.
-    apgd_losses = worst_case(*[
-        lambda m, x, y, eps, g, loss=loss: apgd(m, x, y, eps, norm=args.norm, steps=args.steps, loss=loss,
-                                                random_start=args.random_start, restarts=args.restarts, generator=g)
-        for loss in args.loss or ["ce"]])
+    def apgd_with(loss: str):
+        return lambda m, x, y, eps, g: apgd(m, x, y, eps, norm=args.norm, steps=steps, loss=loss,
+                                            random_start=args.random_start, restarts=args.restarts, generator=g)
+
+    def square_attack(m, x, y, eps, g):
+        return square(m, x, y, eps, norm=args.norm, queries=queries, generator=g)
+
+    # An image counts as robust only if it survives every attack of the list (AutoAttack's counting).
+    ensemble = worst_case(*[apgd_with(loss) for loss in ("ce", "dlr")], square_attack) if args.attack == "auto" \
+        else worst_case(*[apgd_with(loss) for loss in args.loss or ["ce"]])
 
     def attack(m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, strength: float, g: torch.Generator):
         if patch:
-            return patch_attack(m, x, y, strength, num_positions=positions, steps=args.steps,
+            return patch_attack(m, x, y, strength, num_positions=positions, steps=steps,
                                 random_start=args.random_start, generator=g, **step)[0]
         if args.attack == "fgsm":
             return fgsm(m, x, y, strength, norm=args.norm)
-        if args.attack == "apgd":
-            return apgd_losses(m, x, y, strength, g)
-        return pgd(m, x, y, strength, norm=args.norm, steps=args.steps, random_start=args.random_start,
+        if args.attack in ("apgd", "auto"):
+            return ensemble(m, x, y, strength, g)
+        if args.attack == "square":
+            return square_attack(m, x, y, strength, g)
+        if args.attack == "rays":
+            return rays(m, x, y, strength, queries=queries)
+        return pgd(m, x, y, strength, norm=args.norm, steps=steps, random_start=args.random_start,
                    restarts=args.restarts, generator=g, **step)
 
     def label(strength: float) -> str:
@@ -639,7 +677,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     kind = f"{args.attack} ({args.norm})" if not patch else "patch"
-    title = f"{kind}, transferred from {Path(args.surrogate).name}" if args.surrogate else f"{kind}, white-box"
+    access = {"square": "black-box, scores", "rays": "black-box, decisions", "auto": "white- and black-box"}
+    title = f"{kind}, transferred from {Path(args.surrogate).name}" if args.surrogate \
+        else f"{kind}, {access.get(args.attack, 'white-box')}"
     curve = dict(zip(strengths, result.robust_accuracy))
     curve.setdefault(0, result.clean_accuracy)  # the clean point, unless strength 0 was asked for anyway
     plot_robustness(sorted(curve), [curve[s] for s in sorted(curve)], out / "robustness.png",
@@ -663,10 +703,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
     summary = {
         "checkpoint": str(args.checkpoint), "surrogate": args.surrogate, "data": args.data or info["data"],
         "split": args.split, "attack": args.attack, "norm": None if patch else args.norm,
-        "steps": None if args.attack == "fgsm" else args.steps, "step_size": args.step_size,
-        "restarts": args.restarts if args.attack in ("pgd", "apgd") else None,
-        "loss": ",".join(args.loss or ["ce"]) if args.attack == "apgd" else None,
-        "random_start": None if args.attack == "fgsm" else args.random_start, "seed": args.seed,
+        "steps": steps if args.attack in GRADIENT_STEPS else None, "step_size": args.step_size,
+        "restarts": args.restarts if args.attack in RESTARTS else None,
+        "loss": {"apgd": ",".join(args.loss or ["ce"]), "auto": "ce,dlr"}.get(args.attack),
+        "queries": queries if args.attack in BLACK_BOX else None,
+        "random_start": args.random_start if args.attack in GRADIENT_STEPS else None, "seed": args.seed,
         **result.summary("patch" if patch else "eps"), "seconds": round(seconds, 2), "device": str(device),
         "processes": distributed.world()[1],
     }
@@ -834,24 +875,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", default="runs/certify")
 
-    p = command("attack", cmd_attack, "clean and robust accuracy under FGSM, PGD, Auto-PGD or patch attacks, white-box or transfer")
+    p = command("attack", cmd_attack, "clean and robust accuracy under white-box, black-box, transfer or patch attacks")
     p.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
-    p.add_argument("--attack", default="pgd", choices=["fgsm", "pgd", "apgd", "patch"],
-                   help="apgd: Auto-PGD (Croce & Hein 2020), no step size to tune; run it with --steps 100")
-    p.add_argument("--norm", default="linf", choices=["linf", "l2"], help="budget norm of fgsm, pgd and apgd")
+    p.add_argument("--attack", default="pgd", choices=["fgsm", "pgd", "apgd", "square", "rays", "auto", "patch"],
+                   help="apgd: Auto-PGD (Croce & Hein 2020), no step size to tune; square: score-based black box "
+                        "(Andriushchenko et al. 2020); rays: decision-based black box, ℓ∞ (Chen & Gu 2020); auto: "
+                        "the worst case of APGD-CE, APGD-DLR and Square, AutoAttack's untargeted ensemble")
+    p.add_argument("--norm", default="linf", choices=["linf", "l2"], help="budget norm of the ε attacks (rays: linf)")
     p.add_argument("--loss", type=list_of(apgd_loss),
                    help="apgd: ce (cross-entropy), dlr (difference of logits ratio, scale-free) or ce,dlr: both "
                         "in turn, an image counting as robust only if it survives both (default ce)")
     p.add_argument("--eps", type=list_of(parse_number),
-                   help="budgets for pixels in [0, 1], e.g. 2/255,4/255,8/255 (fgsm, pgd, apgd; default: those three)")
+                   help="budgets for pixels in [0, 1], e.g. 2/255,4/255,8/255 (all but patch; default: those three)")
     p.add_argument("--patch-size", type=list_of(positive_int), help="patch sides in pixels, e.g. 2,4 (patch; default 4)")
     p.add_argument("--positions", type=positive_int, help="random patch positions tried per image (patch; default 4)")
-    p.add_argument("--steps", type=positive_int, default=20, help="gradient steps (pgd, apgd, patch)")
+    p.add_argument("--steps", type=positive_int, help="gradient steps (pgd and patch: default 20; apgd, auto: 100)")
+    p.add_argument("--queries", type=positive_int,
+                   help="model outputs each image may cost (square, rays, and auto's Square; default 5000)")
     p.add_argument("--step-size", type=positive_number, help="step size (default pgd: 2.5·ε/steps; patch: 0.05)")
     p.add_argument("--restarts", type=positive_int, default=1,
-                   help="runs from random starts; each image keeps its worst (pgd, apgd)")
+                   help="runs from random starts; each image keeps its worst (pgd, apgd, auto)")
     p.add_argument("--random-start", action=argparse.BooleanOptionalAction, default=True,
-                   help="start from a random point of the budget (pgd, apgd, patch; default: on)")
+                   help="start from a random point of the budget (pgd, apgd, auto, patch; default: on)")
     p.add_argument("--surrogate", help="craft the attack on this checkpoint and score it on CHECKPOINT (transfer)")
     p.add_argument("--n", "--num-images", dest="n", type=count_or_all, default=1000,
                    help="attack a seeded random sample of N images (0: all; under torchrun write --num-images)")

@@ -123,6 +123,9 @@ class TrainConfig:
                                "left at its default by trades, which trains on whole clean batches")
     trades_beta: float = option(6.0, "trades: weight β of the KL term (Zhang et al.: 6; a higher β gives up clean "
                                    "accuracy for robustness)")
+    fat_tau: int | None = option(None, "pgd: Friendly Adversarial Training (Zhang et al. 2020): an image's PGD stops "
+                                       "where it is misclassified for the (τ+1)-th time (the paper: 0 to 3), which "
+                                       "keeps more clean accuracy (default: every step)")
     # distillation from a trained teacher (Hinton et al. 2015; DeiT, Touvron et al. 2021); see vitkit.train.distill
     teacher: str | None = option(None, "distil from this vitkit checkpoint or run folder (a ViT or a ResNet trained on the "
                                      "same classes and image size)")
@@ -174,6 +177,8 @@ class TrainConfig:
              "--adv-mix does not apply to --adv trades (it trains on whole clean batches): leave it out, "
              "or use --adv pgd for a clean/adversarial mix"),
             (0 <= self.trades_beta < float("inf"), "--trades-beta must be a finite non-negative weight, e.g. 6"),
+            (self.fat_tau is None or (self.adv == "pgd" and self.fat_tau >= 0),
+             "--fat-tau stops the PGD of --adv pgd early: give a τ ≥ 0 with --adv pgd, or drop it"),
             (self.model != "resnet18" or not vit_only,
              f"{', '.join(vit_only)} only apply to ViTs, not to --model resnet18: drop them"),
             (self.model != "resnet18" or self.layer_decay == 1,

@@ -199,7 +199,7 @@ class Trainer:
         # Attacks target the plain model: a compiled one would recompile at each eval/train switch.
         self.adversary = Adversary(
             self.model, self.data.mean, self.data.std, attack=cfg.adv, eps=cfg.eps, steps=cfg.adv_steps,
-            step_size=cfg.adv_step_size, norm=cfg.adv_norm, mix=cfg.adv_mix,
+            step_size=cfg.adv_step_size, norm=cfg.adv_norm, mix=cfg.adv_mix, early_stop=cfg.fat_tau,
         ) if cfg.adv in ATTACKS else None
         self.trades = Trades(
             self.model, self.data.mean, self.data.std, beta=cfg.trades_beta, eps=cfg.eps, steps=cfg.adv_steps,
