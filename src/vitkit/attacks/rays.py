@@ -105,7 +105,7 @@ class _RaySearch:
         index, attempt, high = active[closer], attempt[closer], high[closer]
         low = torch.zeros_like(high)
         searching = torch.arange(len(index), device=index.device)
-        while len(searching):
+        while True:
             # Within ε the image is fooled and leaves the search: no need to bracket the boundary further.
             searching = searching[(high[searching] - low[searching] > self.tolerance) & (high[searching] > eps)
                                   & (self.spent[index[searching]] < self.limit)]
