@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attack_helpers import EPS, distance, seeded
+from attack_helpers import EPS, Counting, distance, seeded, unfoolable_linear
 from vitkit.attacks import NORMS, apgd, dlr_loss, pgd
 from vitkit.attacks.apgd import checkpoints
 from vitkit.errors import VitkitError
@@ -57,6 +57,20 @@ def test_the_result_is_a_success_or_at_least_as_bad_as_the_start(model, batch):
     loss_after = F.cross_entropy(after, y, reduction="none")
     assert (loss_after[~fooled] >= loss_before[~fooled]).all()
     assert (loss_after > loss_before).any()
+
+
+def test_fooled_images_leave_the_batch():
+    """Three images the model already gets wrong and two it can never get wrong: after the first pass the model
+    sees only the two, for every step, and the three come back as they started (their first success)."""
+    linear, x, _ = unfoolable_linear()  # class 0 everywhere in the ball
+    y = torch.tensor([1, 0, 1, 0, 1])
+    counting = Counting(linear)
+    steps = 7
+    adversarial = apgd(counting, x, y, 8 / 255, steps=steps, random_start=False)
+    assert counting.images == len(x) + steps * 2
+    assert torch.equal(adversarial[y == 1], x[y == 1])
+    alone = apgd(linear, x[y == 0], y[y == 0], 8 / 255, steps=steps, random_start=False)
+    torch.testing.assert_close(adversarial[y == 0], alone, rtol=0, atol=0)
 
 
 class Peak(nn.Module):
