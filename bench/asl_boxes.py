@@ -4,8 +4,9 @@ A variant is the base configuration below with `--set` overrides, trained by `vi
 RUNS/NAME. The JSON (--out) keeps one entry per variant name, so variants measured in separate calls (or side by
 side, one thread each) gather in one file. A finished run folder whose configuration equals the requested one is
 reported again rather than retrained (the entry says so). Besides the run's validation and test figures, the
-best checkpoint is scored on the unaugmented training images: a small gap between the two says the model
-generalises as well as it fits, a large one that it memorises.
+best checkpoint is scored on the unaugmented training images (without a box scale): a small gap between the two says the model
+generalises as well as it fits, a large one that it memorises. With a box scale (`--set box_scale=auto`), the
+validation and test figures without it are recorded too, and the cross-fitted validation figures with it.
 
 Base: the DeiT-Ti weights, no frozen blocks, AdamW at 3e-4 with a 1-epoch warmup then cosine, 24 epochs of batch 32
 at 112 px, box-safe crops (area 0.6-1.0) and colour jitter 0.2, MSE with C balanced at the start, the best epoch by
@@ -32,7 +33,8 @@ BASE = dict(
 )
 KEPT = ("best_epoch", "train_seconds_this_session", "train_images_per_second", "loss_balance", "parameters",
         "trainable_parameters", "val_accuracy", "val_iou_mean", "val_iou50", "val_iou75", "val_iou90", "test_accuracy",
-        "test_iou_mean", "test_iou50", "test_iou75", "test_iou90")
+        "test_iou_mean", "test_iou50", "test_iou75", "test_iou90", "box_scale", "val_cross_fitted_iou_mean",
+        "val_cross_fitted_iou50", "val_cross_fitted_iou75", "val_cross_fitted_iou90")
 
 
 def main() -> None:
@@ -56,8 +58,14 @@ def main() -> None:
 
     start = time.perf_counter()
     model, info = load_box_model(run, device)
-    train = prepare_box_data(cfg).train
-    fit = evaluate_box_model(model, info, train, "train", device, cfg.eval_batch_size, cfg.bf16)
+    data = prepare_box_data(cfg)
+    scale, model.box_scale = model.box_scale, 1.0  # the boxes as trained: the training labels' sizes
+    fit = evaluate_box_model(model, info, data.train, "train", device, cfg.eval_batch_size, cfg.bf16)
+    unscaled = {}
+    if scale != 1:
+        for split, part in (("val", data.val), ("test", data.test)):
+            figures = evaluate_box_model(model, info, part, split, device, cfg.eval_batch_size, cfg.bf16)
+            unscaled.update({f"{k}_without_box_scale": v for k, v in figures.items() if "iou" in k})
     print(f"{args.name}: val accuracy {summary.get('val_accuracy', float('nan')):.4f}, IoU ≥ 0.5/0.75/0.9 "
           f"{summary.get('val_iou50', float('nan')):.3f} / {summary.get('val_iou75', float('nan')):.3f} / "
           f"{summary.get('val_iou90', float('nan')):.3f}; training images (unaugmented) mean IoU "
@@ -71,6 +79,7 @@ def main() -> None:
         "from_existing_run": reused,
         **{k: summary[k] for k in KEPT if k in summary},
         **{k: v for k, v in fit.items() if k.startswith(("train_accuracy", "train_iou"))},
+        **unscaled,
         "config": cfg.to_dict(),
     }
     save_report(report, out)

@@ -6,7 +6,7 @@ from conftest import WEIGHTS, requires_weights
 from safetensors.torch import save_file
 
 from vitkit.errors import VitkitError
-from vitkit.models.box_head import RESNET18_FEATURES, BoxModel, resnet18_backbone, vit_backbone
+from vitkit.models.box_head import RESNET18_FEATURES, BoxModel, DenseBoxRegressor, resnet18_backbone, vit_backbone
 from vitkit.models.resnet import resnet18
 
 
@@ -23,10 +23,24 @@ def test_vit_box_model_outputs_logits_and_boxes_from_the_class_token():
     assert logits.shape == (3, 5) and boxes.shape == (3, 4)
     assert ((boxes > 0) & (boxes < 1)).all()  # sigmoid
     z, _ = model.backbone.forward_features(x)
-    assert torch.equal(model.features(x), z[:, 0])  # the class token after the final norm
+    pooled, grid = model.features(x)
+    assert torch.equal(pooled, z[:, 0])  # the class token after the final norm
+    for row, col in [(0, 0), (0, 3), (2, 1), (3, 3)]:  # 16 px / 4: a 4×4 grid of patch tokens, row-major
+        assert torch.equal(grid[:, row, col], z[:, 1 + 4 * row + col])
     assert torch.allclose(boxes, model.regressor(z[:, 0]).sigmoid())
     raw = tiny_box_vit(sigmoid=False)
     assert torch.allclose(raw(x)[1], model.regressor(z[:, 0]))
+
+
+@pytest.mark.parametrize("box_head", ["mlp", "dense"])
+def test_box_scale_stretches_widths_and_heights_in_eval_mode_only(box_head):
+    x = torch.randn(3, 3, 16, 16)
+    plain = tiny_box_vit(box_head=box_head, dropout=0.0)
+    scaled = tiny_box_vit(box_head=box_head, dropout=0.0, box_scale=0.9)
+    (logits, boxes), (scaled_logits, scaled_boxes) = plain(x), scaled(x)
+    assert torch.equal(logits, scaled_logits) and torch.equal(boxes[:, :2], scaled_boxes[:, :2])
+    torch.testing.assert_close(scaled_boxes[:, 2:], 0.9 * boxes[:, 2:])
+    assert torch.equal(plain.train()(x)[1], scaled.train()(x)[1])  # training fits the labels as they are
 
 
 def test_heads_stay_float32_under_bf16_autocast():
@@ -36,16 +50,107 @@ def test_heads_stay_float32_under_bf16_autocast():
     assert logits.dtype == boxes.dtype == torch.float32
 
 
-@pytest.mark.parametrize("backbone", ["vit", "resnet18"])
-def test_spec_rebuilds_the_same_architecture(backbone):
+def test_vit_grid_skips_a_distillation_token():
+    torch.manual_seed(0)
+    vit = vit_backbone("vit_tiny", image_size=16, patch_size=4, dim=16, depth=1, heads=2, mlp_dim=32)
+    vit.cfg.distill_token = True  # rebuilt below with the token
+    vit = type(vit)(vit.cfg)
+    model = BoxModel(vit, 16, num_classes=5, hidden=8).eval()
+    x = torch.randn(2, 3, 16, 16)
+    z, _ = vit.forward_features(x)
+    pooled, grid = model.features(x)
+    assert torch.equal(pooled, z[:, 0]) and grid.shape == (2, 4, 4, 16)
+    assert torch.equal(grid.flatten(1, 2), z[:, 2:])  # class and distillation tokens first
+
+
+def test_resnet_features_are_torchvisions_pooled_feature_and_its_last_map():
+    torch.manual_seed(0)
+    model = BoxModel(resnet18_backbone(), RESNET18_FEATURES, num_classes=3, hidden=16).eval()
+    seen = {}
+    model.backbone.layer4.register_forward_hook(lambda module, args, out: seen.update(fmap=out))
+    x = torch.randn(2, 3, 64, 128)  # not square: rows and columns must not be swapped
+    pooled, grid = model.features(x)
+    assert torch.allclose(pooled, model.backbone(x), atol=1e-6)  # torchvision's own forward: avgpool, flatten
+    assert grid.shape == (2, 2, 4, RESNET18_FEATURES)  # stride 32
+    for row, col in [(0, 0), (0, 3), (1, 2)]:
+        assert torch.equal(grid[:, row, col], seen["fmap"][:, :, row, col])
+
+
+def dense_reference(regressor: DenseBoxRegressor, grid: torch.Tensor, clip: bool = False) -> torch.Tensor:
+    """The dense head written out cell by cell: weights, centres, edges, weighted mean (clipped to the image with
+    `clip`), then (cx, cy, w, h)."""
+    boxes = []
+    for features in grid:
+        rows, cols, _ = features.shape
+        logits, edges = [], []
+        for r in range(rows):
+            for c in range(cols):
+                out = regressor.mlp(features[r, c])
+                left, top, right, bottom = out[1:].sigmoid().tolist()
+                centre_x, centre_y = (c + 0.5) / cols, (r + 0.5) / rows
+                logits.append(out[0])
+                edges.append(torch.tensor([centre_x - left, centre_y - top, centre_x + right, centre_y + bottom]))
+        weights = torch.stack(logits).softmax(0)
+        x1, y1, x2, y2 = (weights[:, None] * torch.stack(edges)).sum(0)
+        if clip:
+            x1, y1, x2, y2 = (min(max(v.item(), 0.0), 1.0) for v in (x1, y1, x2, y2))
+            x1, y1, x2, y2 = (torch.tensor(v) for v in (x1, y1, x2, y2))
+        boxes.append(torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]))
+    return torch.stack(boxes)
+
+
+def test_dense_head_matches_its_cell_by_cell_definition():
+    torch.manual_seed(0)
+    regressor = DenseBoxRegressor(dim=6, hidden=8, dropout=0.0)
+    grid = 3 * torch.randn(3, 4, 5, 6)  # not square: rows and columns must not be swapped
+    assert torch.allclose(regressor(grid), dense_reference(regressor, grid), atol=1e-6)
+    clipped = dense_reference(regressor, grid, clip=True)
+    assert torch.allclose(regressor.eval()(grid), clipped, atol=1e-6)  # eval mode keeps the box in the image
+    assert not torch.allclose(clipped, dense_reference(regressor, grid), atol=1e-3)  # the clip did something
+
+
+def test_dense_head_is_translation_equivariant_and_finer_than_its_grid():
+    """An object of features on an empty grid: its cells take (almost) all the weight, so moving the object by one
+    cell moves the box by exactly one cell, and a box between cell centres can be expressed."""
+    torch.manual_seed(0)
+    dim = 4
+    regressor = DenseBoxRegressor(dim=dim, hidden=dim, dropout=0.0).eval()
+    first, last = regressor.mlp[0], regressor.mlp[3]
+    with torch.no_grad():  # hidden = features (they are ≥ 0, so the ReLU passes them): out = last(features)
+        first.weight.copy_(torch.eye(dim))
+        first.bias.zero_()
+        last.weight.normal_(std=0.3)
+        last.weight[0] = torch.tensor([60.0, 0, 0, 0])  # weight logit: 60 on object cells, 0 elsewhere
+        last.bias.copy_(torch.tensor([0.0, -2, -2, -2, -2]))  # short distances: the box stays inside the image
+    grid = torch.zeros(1, 8, 8, dim)
+    grid[0, 2:4, 1:4] = torch.rand(2, 3, dim)
+    grid[0, 2:4, 1:4, 0] = 1.0  # the six object cells share the weight equally
+    box = regressor(grid)
+    moved = regressor(torch.roll(grid, shifts=(1, 2), dims=(1, 2)))  # the object stays inside the grid
+    assert torch.allclose(moved - box, torch.tensor([[2 / 8, 1 / 8, 0, 0]]), atol=1e-6)
+    assert torch.allclose(box, dense_reference(regressor, grid), atol=1e-6)  # inside the image: nothing clipped
+    centre_x = box[0, 0] * 8 - 0.5  # in cell units: not on a cell centre
+    assert abs(centre_x - centre_x.round()) > 1e-3
+
+
+@pytest.mark.parametrize("backbone,box_head", [("vit", "mlp"), ("vit", "dense"), ("resnet18", "mlp"),
+                                               ("resnet18", "dense")])
+def test_spec_rebuilds_the_same_architecture(backbone, box_head):
     if backbone == "vit":
-        model = tiny_box_vit(dropout=0.1)
+        model = tiny_box_vit(dropout=0.1, box_head=box_head, box_scale=0.95)
     else:
-        model = BoxModel(resnet18_backbone(cifar_stem=True), RESNET18_FEATURES, num_classes=3, hidden=16)
+        model = BoxModel(resnet18_backbone(cifar_stem=True), RESNET18_FEATURES, num_classes=3, hidden=16,
+                         box_head=box_head)
     rebuilt = BoxModel.from_spec(model.spec())
     own, other = model.state_dict(), rebuilt.state_dict()
     assert own.keys() == other.keys() and all(own[k].shape == other[k].shape for k in own)
     assert rebuilt.spec() == model.spec()
+    if backbone == "resnet18" and box_head == "mlp":  # checkpoints from before the dense head and the box scale
+        old = {k: v for k, v in model.spec().items() if k not in ("box_head", "box_scale")}
+        assert BoxModel.from_spec(old).spec() == model.spec()
+    size, classes = (16, 5) if backbone == "vit" else (32, 3)
+    logits, boxes = model.eval()(torch.randn(2, 3, size, size))
+    assert logits.shape == (2, classes) and boxes.shape == (2, 4)
 
 
 def test_resnet18_backbone_loads_a_local_torchvision_state_dict(tmp_path):
@@ -82,3 +187,9 @@ def test_pretrained_vit_backbone_at_a_small_size_with_frozen_blocks():
 def test_bad_head_settings_are_user_errors():
     with pytest.raises(VitkitError, match="dropout"):
         tiny_box_vit(dropout=1.0)
+    with pytest.raises(VitkitError, match="unknown box head"):
+        tiny_box_vit(box_head="fcos")
+    with pytest.raises(VitkitError, match="drop --no-sigmoid"):
+        tiny_box_vit(box_head="dense", sigmoid=False)
+    with pytest.raises(VitkitError, match="not a positive factor"):
+        tiny_box_vit(box_scale=0.0)

@@ -5,6 +5,20 @@ The backbone is a vitkit ViT (the feature is the class token after the final nor
 On that feature sit two MLPs of the same shape, D → hidden → ReLU → Dropout → out: the classifier (out =
 classes) and the box regressor (out = 4, (cx, cy, w, h), through a sigmoid by default so boxes stay in [0, 1]).
 
+`box_head="dense"` replaces seed 001's regressor by one that reads the grid of patch tokens (a ResNet's last
+feature map) instead of the pooled feature: the same MLP shape runs on every cell and gives a weight and the
+distances from the cell's centre to the four box edges (FCOS's parametrisation, Tian et al. 2019); the box is the
+softmax-weighted mean of the cells' edges (a soft argmax, as in integral regression, Sun et al. 2018). The head runs
+the same weights on every cell, so what it learns at one place holds at every other (the global MLP must learn the
+map from features to coordinates for each position separately; the backbone's position embeddings are another
+matter), and the weighted mean places an edge between cell centres, finer than the grid. In eval mode the edges
+are clipped to the image (a true box lies inside it, so clipping can only raise the IoU); training leaves them
+free, so that an edge outside the image still gets a gradient.
+
+`box_scale` multiplies the predicted widths and heights (about the boxes' centres) in eval mode: a correction for
+training boxes drawn looser than the ones the model is judged on (`vitkit train-boxes --box-scale auto` fits it on
+the validation images; see vitkit.train.boxes).
+
 `BoxModel.spec()` describes the architecture in plain values; `BoxModel.from_spec` rebuilds it (fresh weights),
 which is how a checkpoint is reloaded on its own.
 """
@@ -23,6 +37,7 @@ from vitkit.models.pretrained import freeze_blocks, load_pretrained, read_state_
 from vitkit.models.vit import ViTConfig, VisionTransformer
 
 BACKBONES = ("vit", "resnet18")
+BOX_HEADS = ("mlp", "dense")
 RESNET18_FEATURES = 512
 
 
@@ -30,43 +45,91 @@ def _mlp(dim: int, hidden: int, out: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, out))
 
 
+class DenseBoxRegressor(nn.Module):
+    """One box (cx, cy, w, h) from a grid of features (B, rows, cols, D): per cell, an MLP gives a weight logit and
+    the distances (l, t, r, b) from the cell's centre to the edges, each through a sigmoid (so in [0, 1] image
+    fractions); the box's edges are the softmax-weighted means of the cells' edges, clipped to [0, 1] in eval
+    mode."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.mlp = _mlp(dim, hidden, 5, dropout)
+
+    def forward(self, grid: Tensor) -> Tensor:
+        rows, cols = grid.shape[1:3]
+        out = self.mlp(grid).flatten(1, 2)  # (B, cells, 5)
+        weight = out[..., 0].softmax(dim=1)
+        ys = (torch.arange(rows, device=grid.device, dtype=out.dtype) + 0.5) / rows
+        xs = (torch.arange(cols, device=grid.device, dtype=out.dtype) + 0.5) / cols
+        cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+        centres = torch.stack([cx, cy, cx, cy], dim=-1).flatten(0, 1)  # (cells, 4)
+        outward = torch.tensor([-1.0, -1.0, 1.0, 1.0], device=grid.device, dtype=out.dtype)
+        edges = centres + outward * out[..., 1:].sigmoid()  # (B, cells, 4): x1, y1, x2, y2
+        box = torch.einsum("bn,bnk->bk", weight, edges)
+        x1, y1, x2, y2 = (box if self.training else box.clamp(0, 1)).unbind(dim=-1)
+        return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1)
+
+
 class BoxModel(nn.Module):
-    """Returns (logits (B, classes), boxes (B, 4)) from a backbone's pooled feature of width `feature_dim`."""
+    """Returns (logits (B, classes), boxes (B, 4)) from a backbone's features of width `feature_dim`: the classes
+    from the pooled feature, the box from it too (`box_head="mlp"`, seed 001) or from the grid (`"dense"`)."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, hidden: int = 512,
-                 dropout: float = 0.2, sigmoid: bool = True):
+                 dropout: float = 0.2, sigmoid: bool = True, box_head: str = "mlp", box_scale: float = 1.0):
         super().__init__()
         if num_classes < 1 or hidden < 1 or not 0 <= dropout < 1:
             raise VitkitError(f"box model needs classes ≥ 1, hidden ≥ 1 and dropout in [0, 1), got {num_classes}, "
                               f"{hidden}, {dropout}")
+        if not 0 < box_scale < float("inf"):
+            raise VitkitError(f"box scale {box_scale} is not a positive factor: pass e.g. 0.95, or 1 for none")
+        if box_head not in BOX_HEADS:
+            raise VitkitError(f"unknown box head {box_head!r}: use one of {', '.join(BOX_HEADS)}")
+        if box_head == "dense" and not sigmoid:
+            raise VitkitError("the dense box head bounds its edge distances itself: drop --no-sigmoid, or use "
+                              "--box-head mlp")
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.num_classes = num_classes
         self.hidden = hidden
         self.dropout = dropout
         self.sigmoid = sigmoid
+        self.box_head = box_head
+        self.box_scale = float(box_scale)
         self.classifier = _mlp(feature_dim, hidden, num_classes, dropout)
-        self.regressor = _mlp(feature_dim, hidden, 4, dropout)  # the sigmoid has no weights: same keys either way
+        # The mlp head's sigmoid has no weights: the same keys either way.
+        self.regressor = _mlp(feature_dim, hidden, 4, dropout) if box_head == "mlp" else DenseBoxRegressor(
+            feature_dim, hidden, dropout)
 
-    def features(self, x: Tensor) -> Tensor:
-        """The pooled feature (B, D): a ViT's class token after the final norm, a ResNet's pooled map."""
+    def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The pooled feature (B, D) and the grid (B, rows, cols, D): a ViT's class token and patch tokens after
+        the final norm; a ResNet's pooled last feature map, and that map."""
         if isinstance(self.backbone, VisionTransformer):
             z, _ = self.backbone.forward_features(x)
-            return z[:, 0]
-        return self.backbone(x)
+            side = x.shape[-1] // self.backbone.cfg.patch_size
+            return z[:, 0], z[:, self.backbone.cfg.num_prefix_tokens:].unflatten(1, (-1, side))
+        net = self.backbone
+        fmap = net.layer4(net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))))))
+        return fmap.mean(dim=(2, 3)), fmap.permute(0, 2, 3, 1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        f = self.features(x)
+        pooled, grid = self.features(x)
         # The heads run in float32 even under bf16 autocast: they cost nothing, and a box coordinate in bf16 is
         # only good to 1/256 (about a pixel at 224) — too coarse for IoU ≥ 0.9.
-        with torch.autocast(f.device.type, enabled=False):
-            f = f.float()
-            boxes = self.regressor(f)
-            return self.classifier(f), boxes.sigmoid() if self.sigmoid else boxes
+        with torch.autocast(pooled.device.type, enabled=False):
+            pooled = pooled.float()
+            if self.box_head == "dense":
+                boxes = self.regressor(grid.float())
+            else:
+                boxes = self.regressor(pooled)
+                boxes = boxes.sigmoid() if self.sigmoid else boxes
+            if not self.training and self.box_scale != 1:
+                boxes = torch.cat([boxes[:, :2], boxes[:, 2:] * self.box_scale], dim=1)
+            return self.classifier(pooled), boxes
 
     def spec(self) -> dict[str, Any]:
         """The architecture as plain values (JSON), for checkpoints."""
-        head = {"num_classes": self.num_classes, "hidden": self.hidden, "dropout": self.dropout, "sigmoid": self.sigmoid}
+        head = {"num_classes": self.num_classes, "hidden": self.hidden, "dropout": self.dropout,
+                "sigmoid": self.sigmoid, "box_head": self.box_head, "box_scale": self.box_scale}
         if isinstance(self.backbone, VisionTransformer):
             return {"backbone": "vit", "vit": self.backbone.cfg.to_dict(), **head}
         return {
@@ -80,6 +143,8 @@ class BoxModel(nn.Module):
     def from_spec(cls, spec: dict[str, Any]) -> BoxModel:
         """A freshly initialised model of `spec` (as `spec()` writes it)."""
         head = {k: spec[k] for k in ("num_classes", "hidden", "dropout", "sigmoid")}
+        # Checkpoints from before the dense head and the box scale have neither entry.
+        head.update(box_head=spec.get("box_head", "mlp"), box_scale=spec.get("box_scale", 1.0))
         if spec["backbone"] == "vit":
             backbone = VisionTransformer(ViTConfig.from_dict(spec["vit"]))
             return cls(backbone, backbone.cfg.dim, **head)

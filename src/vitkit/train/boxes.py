@@ -8,14 +8,24 @@ C = CE / box loss, so that both terms start equal; it is then fixed for the run 
 The figures are accuracy, the mean IoU and the share of images whose predicted box has IoU ≥ 0.5, 0.75 and 0.9
 with the true box. IoU is measured on every image, whatever the predicted class (seed 001's definition).
 
+Training boxes can be looser than the boxes a model is judged on: ASL letters' training images are copies rotated
+and sheared by up to 5°, and each copy's box encloses the turned box, so a model that fits them predicts boxes
+about 5% too wide and tall on the untouched validation and test images. `--box-scale auto` measures that after
+training: the factor on predicted widths and heights that maximises the mean IoU on the validation images, saved
+with the model and applied whenever it predicts. Fitted there, the validation figures flatter it; the summary adds
+cross-fitted ones (each quarter of the validation images scored with the factor fitted on the other three).
+
 A run folder holds config.json (the BoxTrainConfig, what `--resume` reads back), last.safetensors and
 best.safetensors (best by validation accuracy, then mean IoU, or the reverse; metadata task "boxes", the architecture, classes,
 normalisation, image size: a checkpoint loads on its own with `load_box_model`), state.pt (exact resume at epoch
-boundaries), history.jsonl, curves.png, boxes.png (test predictions) and summary.json.
+boundaries), history.jsonl, curves.png, boxes.png (test predictions) and summary.json. With --ema the checkpoints, and
+the validation and test figures, are those of the exponential moving average of the weights (the train_* figures
+are the live weights'); state.pt keeps both.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -33,16 +43,16 @@ from vitkit.data.box_augment import BoxAugment, BoxAugmentConfig, BoxLoader
 from vitkit.data.boxes import BoxDataset, MissingSplit, box_iou, generalized_box_iou, load_box_dataset
 from vitkit.data.datasets import channel_stats, train_val_split
 from vitkit.errors import VitkitError
-from vitkit.models.box_head import BACKBONES, RESNET18_FEATURES, BoxModel, resnet18_backbone, vit_backbone
+from vitkit.models.box_head import BACKBONES, BOX_HEADS, RESNET18_FEATURES, BoxModel, resnet18_backbone, vit_backbone
 from vitkit.models.vit import num_parameters
 from vitkit.plots import plot_box_predictions, plot_learning_curves
 from vitkit.train.config import option, shared_checks
 from vitkit.train.checkpoint import (
-    load_state, load_weights, read_info, resolve_checkpoint, restore_rng_state, rng_state, save_run,
+    load_state, load_weights, read_info, resolve_checkpoint, restore_rng_state, rng_state, save_model, save_run,
     write_json,
 )
 from vitkit.train.evaluate import autocast
-from vitkit.train.optim import build_optimizer, build_scheduler
+from vitkit.train.optim import EMA, build_optimizer, build_scheduler
 from vitkit.train.trainer import select_device
 
 BOX_LOSSES = ("mse", "smooth_l1", "giou")
@@ -79,7 +89,13 @@ class BoxTrainConfig:
     cifar_stem: bool = option(False, "resnet18: 3x3 stride-1 stem without max-pool, for images of about 32 pixels")
     hidden: int = option(512, "hidden width of the classifier and box-regressor MLPs")
     head_dropout: float = option(0.2, "dropout in the two head MLPs")
-    sigmoid: bool = option(True, "sigmoid on the box regressor's output, so boxes stay in [0, 1]")
+    box_head: str = option("mlp", "box regressor: mlp on the pooled feature (seed 001), or dense: on every patch "
+                                "token (ResNet: feature-map cell), a weight and the distances to the four edges, "
+                                "averaged by the weights")
+    sigmoid: bool = option(True, "mlp box head: sigmoid on its output, so boxes stay in [0, 1]")
+    box_scale: str = option("1", "factor on predicted widths and heights at evaluation, or auto: the one that "
+                                 "maximises the validation mean IoU, fitted after training (for training boxes "
+                                 "looser than the evaluation ones)")
     normalize: str = option("auto", "pixel normalisation: imagenet, dataset (training-set statistics), or auto "
                                   "(imagenet with --pretrained weights, which were trained with it; else dataset)")
     # loss
@@ -101,6 +117,8 @@ class BoxTrainConfig:
     plateau_patience: int = option(3, "plateau: epochs without improvement before the learning rate drops")
     plateau_factor: float = option(0.5, "plateau: factor of each drop")
     grad_clip: float = option(0.0, "clip the gradient norm to this value (0: off)")
+    ema: float = option(0.0, "decay of an exponential moving average of the weights, updated every step; validation, "
+                             "test and the checkpoints use the average (0: off; e.g. 0.995)")
     bf16: bool = option(True, "bfloat16 autocast of the backbone on CUDA (the heads stay float32; ignored on CPU)")
     cpu_bf16: bool = option(False, "bfloat16 autocast of the backbone's training steps on the CPU too (a CPU with "
                                    "native bfloat16: AVX512-BF16, AMX); evaluation stays float32")
@@ -120,6 +138,7 @@ class BoxTrainConfig:
 
     def __post_init__(self) -> None:
         self.loss_balance = str(self.loss_balance)
+        self.box_scale = str(self.box_scale)
         self.crop_ratio = [float(r) for r in self.crop_ratio]
         if self.crop_scale is not None:
             self.crop_scale = [float(s) for s in self.crop_scale]
@@ -127,7 +146,12 @@ class BoxTrainConfig:
         checks = shared_checks(self) + [
             (self.data is not None, "--data is required: a YOLO folder, a .tar.gz of one, or a CSV file"),
             (self.backbone in BACKBONES, f"unknown backbone {self.backbone!r}: use one of {', '.join(BACKBONES)}"),
+            (self.box_head in BOX_HEADS, f"unknown box head {self.box_head!r}: use one of {', '.join(BOX_HEADS)}"),
+            (self.sigmoid or self.box_head == "mlp",
+             "--no-sigmoid applies to the mlp box head (the dense head bounds its edges itself): drop it"),
             (self.box_loss in BOX_LOSSES, f"unknown box loss {self.box_loss!r}: use one of {', '.join(BOX_LOSSES)}"),
+            (self.box_scale == "auto" or _positive_number(self.box_scale),
+             f"--box-scale {self.box_scale!r} is neither auto nor a positive number: pass e.g. auto, 0.95 or 1"),
             (self.loss_balance == "auto" or _positive_number(self.loss_balance),
              f"--loss-balance {self.loss_balance!r} is neither auto nor a positive number: pass e.g. auto or 10"),
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}"),
@@ -135,6 +159,7 @@ class BoxTrainConfig:
                                                f"{', '.join(NORMALIZATIONS)}"),
             (self.hidden > 0, "--hidden must be positive"),
             (0 <= self.head_dropout < 1, "--head-dropout must lie in [0, 1), e.g. 0.2"),
+            (0 <= self.ema < 1, "--ema must lie in [0, 1), e.g. 0.995 (0: off)"),
             (self.plateau_patience >= 0, "--plateau-patience must be 0 or a positive number of epochs"),
             (self.balance_batches > 0, "--balance-batches must be positive"),
             (self.select_by in ("accuracy", "iou"), f"unknown --select-by {self.select_by!r}: use accuracy or iou"),
@@ -230,6 +255,36 @@ def predict_boxes(model: BoxModel, data: BoxDataset, mean, std, device: torch.de
     return distributed.gather_cat(torch.cat(logits)), distributed.gather_cat(torch.cat(boxes))
 
 
+BOX_SCALES = torch.arange(0.8, 1.2 + 1e-9, 0.0025, dtype=torch.float64)  # the factors --box-scale auto tries
+CROSS_FIT_FOLDS = 4
+
+
+def scale_sizes(boxes: Tensor, scale: Tensor | float) -> Tensor:
+    """(cx, cy, w, h) boxes (..., 4) with w and h multiplied by `scale` (a number, or one per box: (...,))."""
+    scale = torch.as_tensor(scale, dtype=boxes.dtype, device=boxes.device)
+    return torch.cat([boxes[..., :2], boxes[..., 2:] * scale[..., None]], dim=-1)
+
+
+def fit_box_scale(pred: Tensor, true: Tensor) -> float:
+    """The factor of BOX_SCALES on the predicted widths and heights that maximises the mean IoU with the true
+    boxes (the smallest such factor on a tie)."""
+    factors = BOX_SCALES.to(pred.dtype)
+    scaled = scale_sizes(pred.unsqueeze(0).expand(len(factors), -1, -1), factors[:, None].expand(-1, len(pred)))
+    mean_iou = box_iou(scaled.flatten(0, 1), true.repeat(len(factors), 1)).view(len(factors), -1).mean(1)
+    return factors[mean_iou.argmax()].item()
+
+
+def cross_fitted_scales(pred: Tensor, true: Tensor, folds: int = CROSS_FIT_FOLDS, seed: int = 0) -> Tensor:
+    """Per box (N,), the factor `fit_box_scale` finds on the other folds of a seeded random split in `folds`: figures
+    of boxes scaled by these are out-of-sample estimates of what the factor fitted on all of them does elsewhere."""
+    order = torch.randperm(len(pred), generator=torch.Generator().manual_seed(seed))
+    scales = torch.empty(len(pred), dtype=pred.dtype)
+    for fold in order.chunk(folds):  # a few folds: the loop is over them, not over boxes
+        others = order[~torch.isin(order, fold)]
+        scales[fold] = fit_box_scale(pred[others], true[others])
+    return scales
+
+
 def box_metrics(logits: Tensor, pred: Tensor, labels: Tensor, boxes: Tensor, balance: float, kind: str,
                 prefix: str = "") -> dict[str, float]:
     """Flat figures (fractions): loss, ce, box_loss, accuracy, iou_mean and iou50/iou75/iou90, the share of images
@@ -288,7 +343,8 @@ def build_box_model(cfg: BoxTrainConfig, data: BoxDataset) -> BoxModel:
         dim = backbone.cfg.dim
     else:
         backbone, dim = resnet18_backbone(cfg.pretrained, data.channels, cfg.cifar_stem), RESNET18_FEATURES
-    return BoxModel(backbone, dim, data.num_classes, cfg.hidden, cfg.head_dropout, cfg.sigmoid)
+    scale = 1.0 if cfg.box_scale == "auto" else float(cfg.box_scale)  # auto: fitted after training
+    return BoxModel(backbone, dim, data.num_classes, cfg.hidden, cfg.head_dropout, cfg.sigmoid, cfg.box_head, scale)
 
 
 def load_box_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[BoxModel, dict[str, Any]]:
@@ -342,7 +398,14 @@ class BoxTrainer:
         self.data = prepare_box_data(cfg)
         if cfg.batch_size > len(self.data.train):
             raise VitkitError(f"{len(self.data.train)} training images are fewer than one batch: lower --batch-size")
+        if cfg.box_scale == "auto" and (self.data.val is None or len(self.data.val) < 2 * CROSS_FIT_FOLDS):
+            raise VitkitError(f"--box-scale auto fits the factor on validation images, and this data has "
+                              f"{len(self.data.val) if self.data.val else 0}: give it a val split (or "
+                              f"--val-fraction 0.1), or pass a number such as 0.95")
         self.model = build_box_model(cfg, self.data.train).to(self.device)
+        # With --ema, `averaged` holds the average for evaluation and checkpoints; without, it is the model itself.
+        self.ema = EMA(self.model, cfg.ema) if cfg.ema > 0 else None
+        self.averaged = copy.deepcopy(self.model).requires_grad_(False) if self.ema else self.model
         # self.model stays the bare module (checkpoints, evaluation); training steps go through self.forward.
         self.forward = torch.nn.parallel.DistributedDataParallel(
             self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -396,6 +459,7 @@ class BoxTrainer:
         state = {
             "epoch": self.epoch,
             "model": self.model.state_dict(),
+            "ema": self.ema.shadow if self.ema else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "plateau": self.plateau.state_dict() if self.plateau else None,
@@ -405,11 +469,14 @@ class BoxTrainer:
             "best_epoch": self.best_epoch,
             "history": json.dumps(self.history),
         }
-        save_run(self.out, state, self.model.state_dict(), self.model_info(metrics), self.history, is_best)
+        save_run(self.out, state, self.averaged.state_dict(), self.model_info(metrics), self.history, is_best)
 
     def restore(self) -> None:
         state = load_state(self.out / "state.pt")
         load_weights(self.model, state["model"], str(self.out / "state.pt"))
+        if self.ema:
+            self.ema.shadow = {k: v.to(self.device) for k, v in state["ema"].items()}
+            self.averaged.load_state_dict(self.ema.shadow)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.plateau:
@@ -438,6 +505,8 @@ class BoxTrainer:
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
+            if self.ema:
+                self.ema.update(self.model)
             if self.plateau is None or self.scheduler.last_epoch < self.warmup_steps:
                 self.scheduler.step()
             with torch.no_grad():
@@ -477,9 +546,11 @@ class BoxTrainer:
         started = time.perf_counter()
         while self.epoch < self.cfg.epochs:
             row = {"epoch": self.epoch + 1, **self.train_epoch()}
+            if self.ema:
+                self.averaged.load_state_dict(self.ema.shadow)
             if self.data.val is not None:
                 keep = ("loss", "ce", "box_loss", "accuracy", "iou_mean", "iou50", "iou75", "iou90")
-                row.update({f"val_{k}": v for k, v in self.evaluate(self.model, self.data.val, "").items() if k in keep})
+                row.update({f"val_{k}": v for k, v in self.evaluate(self.averaged, self.data.val, "").items() if k in keep})
             self.epoch += 1
             self.history.append(row)
             if self.plateau is not None and self.scheduler.last_epoch >= self.warmup_steps:
@@ -500,8 +571,9 @@ class BoxTrainer:
         return self.finish(time.perf_counter() - started)
 
     def finish(self, seconds: float) -> dict[str, Any]:
-        """Evaluates the best checkpoint on the validation and test data and writes summary.json and boxes.png."""
-        model, _ = load_box_model(self.out / "best.safetensors", self.device)
+        """Fits --box-scale auto, evaluates the best checkpoint on the validation and test data and writes
+        summary.json and boxes.png."""
+        model, info = load_box_model(self.out / "best.safetensors", self.device)
         cfg = self.cfg
         summary: dict[str, Any] = {
             "task": "boxes",
@@ -520,6 +592,8 @@ class BoxTrainer:
             "train_images_per_second": self.history[-1]["images_per_second"],
             "processes": distributed.world()[1],
         }
+        if cfg.box_scale == "auto":
+            summary.update(self.fit_box_scale(model, info))
         for split, data in (("val", self.data.val), ("test", self.data.test)):
             if data is not None:
                 picture = self.out / "boxes.png" if split == "test" or self.data.test is None else None
@@ -527,11 +601,29 @@ class BoxTrainer:
                 summary[f"{split}_images"] = len(data)
         summary["skipped_images_without_box"] = self.data.train.skipped + sum(
             d.skipped for d in (self.data.val, self.data.test) if d is not None)
+        summary["box_scale"] = model.box_scale
         summary["iou_measured_on"] = IOU_NOTE
         summary["checkpoint"] = str(self.out / "best.safetensors")
         if distributed.is_main():
             write_json(self.out / "summary.json", summary)
         return summary
+
+    def fit_box_scale(self, model: BoxModel, info: dict[str, Any]) -> dict[str, float]:
+        """--box-scale auto: the factor fitted on the validation images, set on `model` and written into
+        best.safetensors; returns the cross-fitted validation figures."""
+        model.box_scale = 1.0  # a resumed finished run's checkpoint holds the factor already: fit on raw sizes
+        logits, pred = predict_boxes(model, self.data.val, info["mean"], info["std"], self.device,
+                                     self.cfg.eval_batch_size, self.cfg.bf16)
+        true = self.data.val.boxes
+        model.box_scale = fit_box_scale(pred, true)
+        crossed = scale_sizes(pred, cross_fitted_scales(pred, true, seed=self.cfg.seed))
+        figures = box_metrics(logits, crossed, self.data.val.labels, true, self.balance, self.cfg.box_loss,
+                              "val_cross_fitted_")
+        if distributed.is_main():
+            best = self.out / "best.safetensors"
+            save_model(best, model.state_dict(), {**read_info(best), "box_model": model.spec()})
+        distributed.barrier()
+        return {k: v for k, v in figures.items() if "iou" in k}
 
 
 def train_boxes(cfg: BoxTrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
