@@ -10,11 +10,11 @@ import torchvision.ops as ops
 from safetensors.torch import load_file
 from synthetic_boxes import write_yolo
 
-from vitkit.data.boxes import box_iou, cxcywh_to_xyxy, load_box_dataset
+from vitkit.data.boxes import box_iou, cxcywh_to_xyxy, load_box_dataset, scale_sizes
 from vitkit.errors import VitkitError
 from vitkit.train.boxes import (
     BOX_SCALES, SMOOTH_L1_BETA, BoxTrainConfig, BoxTrainer, box_loss, cross_fitted_scales, evaluate_box_model,
-    fit_box_scale, load_box_model, measure_loss_balance, predict_boxes, scale_sizes, task_loss, train_boxes,
+    fit_box_scale, load_box_model, measure_loss_balance, predict_boxes, task_loss, train_boxes,
 )
 
 TINY_VIT = dict(image_size=32, patch_size=4, dim=32, depth=2, heads=2, mlp_dim=64, hidden=64, device="cpu")

@@ -3,7 +3,7 @@ and the device-resident loader."""
 
 from vitkit.data.augment import Augment, AugmentConfig
 from vitkit.data.box_augment import BoxAugment, BoxAugmentConfig, BoxLoader
-from vitkit.data.boxes import BoxDataset, box_iou, generalized_box_iou, load_box_dataset
+from vitkit.data.boxes import BoxDataset, box_iou, generalized_box_iou, load_box_dataset, scale_sizes
 from vitkit.data.datasets import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -31,6 +31,7 @@ __all__ = [
     "channel_stats",
     "generalized_box_iou",
     "load_box_dataset",
+    "scale_sizes",
     "load_dataset",
     "load_images",
     "stratified_split",

@@ -68,6 +68,12 @@ def xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
     return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1)
 
 
+def scale_sizes(boxes: Tensor, scale: Tensor | float) -> Tensor:
+    """(cx, cy, w, h) boxes (..., 4) with w and h multiplied by `scale` (a number, or one per box: (...,))."""
+    scale = torch.as_tensor(scale, dtype=boxes.dtype, device=boxes.device)
+    return torch.cat([boxes[..., :2], boxes[..., 2:] * scale[..., None]], dim=-1)
+
+
 def _pair_geometry(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Intersection, union and enclosing-box areas of paired (cx, cy, w, h) boxes (..., 4). A negative width
     or height (a regressor without sigmoid can output one) counts as 0."""

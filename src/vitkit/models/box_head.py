@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vitkit.data.boxes import scale_sizes
 from vitkit.errors import VitkitError
 from vitkit.models.presets import preset_config
 from vitkit.models.pretrained import freeze_blocks, load_pretrained, read_state_dict
@@ -123,7 +124,7 @@ class BoxModel(nn.Module):
                 boxes = self.regressor(pooled)
                 boxes = boxes.sigmoid() if self.sigmoid else boxes
             if not self.training and self.box_scale != 1:
-                boxes = torch.cat([boxes[:, :2], boxes[:, 2:] * self.box_scale], dim=1)
+                boxes = scale_sizes(boxes, self.box_scale)
             return self.classifier(pooled), boxes
 
     def spec(self) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from vitkit import distributed
 from vitkit.data.box_augment import BoxAugment, BoxAugmentConfig, BoxLoader
-from vitkit.data.boxes import BoxDataset, MissingSplit, box_iou, generalized_box_iou, load_box_dataset
+from vitkit.data.boxes import BoxDataset, MissingSplit, box_iou, generalized_box_iou, load_box_dataset, scale_sizes
 from vitkit.data.datasets import channel_stats, train_val_split
 from vitkit.errors import VitkitError
 from vitkit.models.box_head import BACKBONES, BOX_HEADS, RESNET18_FEATURES, BoxModel, resnet18_backbone, vit_backbone
@@ -257,12 +257,6 @@ def predict_boxes(model: BoxModel, data: BoxDataset, mean, std, device: torch.de
 
 BOX_SCALES = torch.arange(0.8, 1.2 + 1e-9, 0.0025, dtype=torch.float64)  # the factors --box-scale auto tries
 CROSS_FIT_FOLDS = 4
-
-
-def scale_sizes(boxes: Tensor, scale: Tensor | float) -> Tensor:
-    """(cx, cy, w, h) boxes (..., 4) with w and h multiplied by `scale` (a number, or one per box: (...,))."""
-    scale = torch.as_tensor(scale, dtype=boxes.dtype, device=boxes.device)
-    return torch.cat([boxes[..., :2], boxes[..., 2:] * scale[..., None]], dim=-1)
 
 
 def fit_box_scale(pred: Tensor, true: Tensor) -> float:
@@ -593,7 +587,7 @@ class BoxTrainer:
             "processes": distributed.world()[1],
         }
         if cfg.box_scale == "auto":
-            summary.update(self.fit_box_scale(model, info))
+            summary.update(self.calibrate_box_scale(model, info))
         for split, data in (("val", self.data.val), ("test", self.data.test)):
             if data is not None:
                 picture = self.out / "boxes.png" if split == "test" or self.data.test is None else None
@@ -608,7 +602,7 @@ class BoxTrainer:
             write_json(self.out / "summary.json", summary)
         return summary
 
-    def fit_box_scale(self, model: BoxModel, info: dict[str, Any]) -> dict[str, float]:
+    def calibrate_box_scale(self, model: BoxModel, info: dict[str, Any]) -> dict[str, float]:
         """--box-scale auto: the factor fitted on the validation images, set on `model` and written into
         best.safetensors; returns the cross-fitted validation figures."""
         model.box_scale = 1.0  # a resumed finished run's checkpoint holds the factor already: fit on raw sizes
