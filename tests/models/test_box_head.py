@@ -109,6 +109,31 @@ def test_dense_head_matches_its_cell_by_cell_definition():
     assert not torch.allclose(clipped, dense_reference(regressor, grid), atol=1e-3)  # the clip did something
 
 
+def test_dense_head_cells_are_its_per_cell_edges_and_centres():
+    torch.manual_seed(0)
+    regressor = DenseBoxRegressor(dim=6, hidden=8, dropout=0.0)
+    grid = 3 * torch.randn(2, 3, 5, 6)
+    box, edges, centres = regressor(grid, cells=True)
+    assert torch.equal(box, regressor(grid)) and edges.shape == (2, 15, 4) and centres.shape == (15, 2)
+    for b, r, c in [(0, 0, 0), (0, 2, 4), (1, 1, 3)]:
+        left, top, right, bottom = regressor.mlp(grid[b, r, c])[1:].sigmoid()
+        centre_x, centre_y = (c + 0.5) / 5, (r + 0.5) / 3  # cells row by row
+        assert torch.allclose(centres[r * 5 + c], torch.tensor([centre_x, centre_y]))
+        expected = torch.stack([centre_x - left, centre_y - top, centre_x + right, centre_y + bottom])
+        assert torch.allclose(edges[b, r * 5 + c], expected, atol=1e-6)
+
+
+def test_box_model_gives_cells_for_the_dense_head_only():
+    dense = tiny_box_vit(box_head="dense")
+    x = torch.randn(2, 3, 16, 16)
+    logits, boxes, edges, centres = dense(x, cells=True)
+    assert edges.shape == (2, 16, 4) and centres.shape == (16, 2)
+    plain_logits, plain_boxes = dense(x)
+    assert torch.equal(logits, plain_logits) and torch.equal(boxes, plain_boxes)
+    with pytest.raises(VitkitError, match="dense box head only"):
+        tiny_box_vit()(torch.randn(2, 3, 16, 16), cells=True)
+
+
 def test_dense_head_is_translation_equivariant_and_finer_than_its_grid():
     """An object of features on an empty grid: its cells take (almost) all the weight, so moving the object by one
     cell moves the box by exactly one cell, and a box between cell centres can be expressed."""

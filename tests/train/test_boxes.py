@@ -13,8 +13,8 @@ from synthetic_boxes import write_yolo
 from vitkit.data.boxes import box_iou, cxcywh_to_xyxy, load_box_dataset, scale_sizes
 from vitkit.errors import VitkitError
 from vitkit.train.boxes import (
-    BOX_SCALES, SMOOTH_L1_BETA, BoxTrainConfig, BoxTrainer, box_loss, cross_fitted_scales, evaluate_box_model,
-    fit_box_scale, load_box_model, measure_loss_balance, predict_boxes, task_loss, train_boxes,
+    BOX_SCALES, SMOOTH_L1_BETA, BoxTrainConfig, BoxTrainer, box_loss, box_losses, cross_fitted_scales,
+    dense_cell_loss, evaluate_box_model, fit_box_scale, load_box_model, measure_loss_balance, predict_boxes, task_loss, train_boxes,
 )
 
 TINY_VIT = dict(image_size=32, patch_size=4, dim=32, depth=2, heads=2, mlp_dim=64, hidden=64, device="cpu")
@@ -228,6 +228,55 @@ def test_box_losses():
         box_loss(pred, true, "l3")
 
 
+def test_per_box_losses_average_to_the_mean_loss():
+    g = torch.Generator().manual_seed(0)
+    pred, true = torch.rand(3, 5, 4, generator=g) * 0.5 + 0.25, torch.rand(3, 5, 4, generator=g) * 0.5 + 0.25
+    for kind in ("mse", "smooth_l1", "giou"):
+        per_box = box_losses(pred, true, kind)
+        assert per_box.shape == (3, 5)
+        assert per_box[1, 2] == pytest.approx(box_loss(pred[1, 2:3], true[1, 2:3], kind).item(), rel=1e-6)
+        assert per_box.mean() == pytest.approx(box_loss(pred.flatten(0, 1), true.flatten(0, 1), kind).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mse", "smooth_l1", "giou"])
+def test_dense_cell_loss_averages_over_the_cells_inside_each_true_box(kind):
+    g = torch.Generator().manual_seed(1)
+    rows, cols = 4, 6
+    centres = torch.tensor([[(c + 0.5) / cols, (r + 0.5) / rows] for r in range(rows) for c in range(cols)])
+    corners = torch.rand(3, rows * cols, 2, generator=g) * 0.5
+    edges = torch.cat([corners, corners + 0.2 + torch.rand(3, rows * cols, 2, generator=g) * 0.3], dim=-1)
+    true = torch.tensor([[0.5, 0.5, 0.6, 0.4], [0.2, 0.3, 0.3, 0.5], [0.9, 0.9, 0.05, 0.05]])  # the last: no cell
+    losses = []
+    for image in range(3):  # written out: each cell whose centre is strictly inside the box, as its own prediction
+        x1, y1, x2, y2 = cxcywh_to_xyxy(true[image]).tolist()
+        for cell, (cx, cy) in enumerate(centres.tolist()):
+            if x1 < cx < x2 and y1 < cy < y2:
+                a, b, c, d = edges[image, cell].tolist()
+                own = torch.tensor([[(a + c) / 2, (b + d) / 2, c - a, d - b]])
+                losses.append(box_loss(own, true[image : image + 1], kind))
+    assert len(losses) == 8 + 4  # 4 columns × 2 rows of cell centres in the first box, 2 × 2 in the second
+    expected = torch.stack(losses).mean()
+    assert dense_cell_loss(edges, centres, true, kind).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert dense_cell_loss(edges[2:], centres, true[2:], kind).item() == 0.0  # no cell inside: no loss, no NaN
+
+
+def test_the_cell_loss_trains_every_cell_to_give_the_box(small_squares, tmp_path):
+    """Without it only the weighted mean of the cells' edges is fitted; with it each cell inside the box gives
+    the box on its own (the per-cell error falls several-fold)."""
+    errors = {}
+    for weight in (0.0, 1.0):
+        cfg = resume_config(small_squares, box_head="dense", cell_loss=weight, head_dropout=0.0, epochs=8,
+                            schedule="cosine", hflip=0.0, crop_scale=None)
+        trainer = BoxTrainer(cfg, tmp_path / str(weight), progress=False)
+        trainer.fit()
+        trainer.model.eval()
+        x, _, b = next(iter(trainer.train_loader(64)))
+        with torch.no_grad():
+            _, _, edges, centres = trainer.model(x, cells=True)
+        errors[weight] = dense_cell_loss(edges, centres, b, "mse").item()
+    assert errors[1.0] < errors[0.0] / 3, errors
+
+
 @pytest.mark.parametrize("box_head,ema", [("mlp", 0.0), ("dense", 0.9)])
 def test_a_resnet18_backbone_trains_and_reloads(small_squares, tmp_path, box_head, ema):
     cfg = BoxTrainConfig(data=str(small_squares), backbone="resnet18", image_size=32, device="cpu", epochs=1,
@@ -249,6 +298,8 @@ def test_a_resnet18_backbone_trains_and_reloads(small_squares, tmp_path, box_hea
     (dict(ema=1.0), "--ema must lie in"),
     (dict(box_scale="big"), "--box-scale 'big' is neither auto nor a positive number"),
     (dict(box_head="dense", sigmoid=False), "--no-sigmoid applies to the mlp box head"),
+    (dict(cell_loss=1.0), "--cell-loss trains the dense head's cells"),
+    (dict(box_head="dense", cell_loss=-1.0), "--cell-loss must be 0"),
     (dict(loss_balance="-1"), "neither auto nor a positive number"),
     (dict(schedule="step"), "unknown schedule"),
     (dict(crop_scale=[0.9, 0.1]), "crop scale"),

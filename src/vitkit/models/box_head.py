@@ -11,7 +11,10 @@ distances from the cell's centre to the four box edges (FCOS's parametrisation, 
 softmax-weighted mean of the cells' edges (a soft argmax, as in integral regression, Sun et al. 2018). The head runs
 the same weights on every cell, so what it learns at one place holds at every other (the global MLP must learn the
 map from features to coordinates for each position separately; the backbone's position embeddings are another
-matter), and the weighted mean places an edge between cell centres, finer than the grid. In eval mode the edges
+matter), and the weighted mean places an edge between cell centres, finer than the grid. Trained on the averaged box
+alone, single cells are poor guesses (they cancel out in the mean); `forward(x, cells=True)` also returns every
+cell's edges, for a per-cell loss (`vitkit train-boxes --cell-loss`) that makes each cell inside the box give the
+box on its own, as FCOS trains its locations. In eval mode the edges
 are clipped to the image (a true box lies inside it, so clipping can only raise the IoU); training leaves them
 free, so that an edge outside the image still gets a gradient.
 
@@ -31,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vitkit.data.boxes import scale_sizes
+from vitkit.data.boxes import scale_sizes, xyxy_to_cxcywh
 from vitkit.errors import VitkitError
 from vitkit.models.presets import preset_config
 from vitkit.models.pretrained import freeze_blocks, load_pretrained, read_state_dict
@@ -56,19 +59,25 @@ class DenseBoxRegressor(nn.Module):
         super().__init__()
         self.mlp = _mlp(dim, hidden, 5, dropout)
 
-    def forward(self, grid: Tensor) -> Tensor:
+    def per_cell(self, grid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per cell, row by row: the weights (B, cells) (summing to 1), the edges (B, cells, 4) (x1, y1, x2, y2) and
+        the centres (cells, 2) (x, y), image fractions."""
         rows, cols = grid.shape[1:3]
         out = self.mlp(grid).flatten(1, 2)  # (B, cells, 5)
-        weight = out[..., 0].softmax(dim=1)
         ys = (torch.arange(rows, device=grid.device, dtype=out.dtype) + 0.5) / rows
         xs = (torch.arange(cols, device=grid.device, dtype=out.dtype) + 0.5) / cols
         cy, cx = torch.meshgrid(ys, xs, indexing="ij")
-        centres = torch.stack([cx, cy, cx, cy], dim=-1).flatten(0, 1)  # (cells, 4)
+        centres = torch.stack([cx, cy], dim=-1).flatten(0, 1)  # (cells, 2)
         outward = torch.tensor([-1.0, -1.0, 1.0, 1.0], device=grid.device, dtype=out.dtype)
-        edges = centres + outward * out[..., 1:].sigmoid()  # (B, cells, 4): x1, y1, x2, y2
+        edges = centres.repeat(1, 2) + outward * out[..., 1:].sigmoid()
+        return out[..., 0].softmax(dim=1), edges, centres
+
+    def forward(self, grid: Tensor, cells: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+        """The box (B, 4); with `cells`, also the cells' edges and centres (for a per-cell loss)."""
+        weight, edges, centres = self.per_cell(grid)
         box = torch.einsum("bn,bnk->bk", weight, edges)
-        x1, y1, x2, y2 = (box if self.training else box.clamp(0, 1)).unbind(dim=-1)
-        return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1)
+        box = xyxy_to_cxcywh(box if self.training else box.clamp(0, 1))
+        return (box, edges, centres) if cells else box
 
 
 class BoxModel(nn.Module):
@@ -112,20 +121,27 @@ class BoxModel(nn.Module):
         fmap = net.layer4(net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))))))
         return fmap.mean(dim=(2, 3)), fmap.permute(0, 2, 3, 1)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, cells: bool = False) -> tuple[Tensor, ...]:
+        """(logits, boxes); with `cells` (dense head only), also the cells' edges (B, cells, 4) (x1, y1, x2, y2) and
+        centres (cells, 2), as `DenseBoxRegressor.per_cell` gives them."""
+        if cells and self.box_head != "dense":
+            raise VitkitError("per-cell outputs exist for the dense box head only: use --box-head dense")
         pooled, grid = self.features(x)
         # The heads run in float32 even under bf16 autocast: they cost nothing, and a box coordinate in bf16 is
         # only good to 1/256 (about a pixel at 224) — too coarse for IoU ≥ 0.9.
         with torch.autocast(pooled.device.type, enabled=False):
             pooled = pooled.float()
-            if self.box_head == "dense":
+            per_cell: tuple[Tensor, ...] = ()
+            if self.box_head == "dense" and cells:
+                boxes, *per_cell = self.regressor(grid.float(), cells=True)
+            elif self.box_head == "dense":
                 boxes = self.regressor(grid.float())
             else:
                 boxes = self.regressor(pooled)
                 boxes = boxes.sigmoid() if self.sigmoid else boxes
             if not self.training and self.box_scale != 1:
                 boxes = scale_sizes(boxes, self.box_scale)
-            return self.classifier(pooled), boxes
+            return self.classifier(pooled), boxes, *per_cell
 
     def spec(self) -> dict[str, Any]:
         """The architecture as plain values (JSON), for checkpoints."""

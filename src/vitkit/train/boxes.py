@@ -3,7 +3,9 @@
 The loss is CE / C + box loss, the box loss the mean squared error of the (cx, cy, w, h) coordinates (seed 001),
 smooth L1 or 1 − GIoU. C balances the two terms: a number, or `auto`, which measures the mean cross-entropy and
 the mean box loss of the first `balance_batches` training batches (eval mode, before the first step) and sets
-C = CE / box loss, so that both terms start equal; it is then fixed for the run and saved with it.
+C = CE / box loss, so that both terms start equal; it is then fixed for the run and saved with it. With the dense
+box head, `--cell-loss λ` adds λ × the mean box loss of the cells whose centres lie inside the true box, each cell's
+edges taken as a box of its own (FCOS's training of locations; see vitkit.models.box_head).
 
 The figures are accuracy, the mean IoU and the share of images whose predicted box has IoU ≥ 0.5, 0.75 and 0.9
 with the true box. IoU is measured on every image, whatever the predicted class (seed 001's definition).
@@ -40,7 +42,9 @@ from tqdm.auto import tqdm
 
 from vitkit import distributed
 from vitkit.data.box_augment import BoxAugment, BoxAugmentConfig, BoxLoader
-from vitkit.data.boxes import BoxDataset, MissingSplit, box_iou, generalized_box_iou, load_box_dataset, scale_sizes
+from vitkit.data.boxes import (
+    BoxDataset, MissingSplit, box_iou, cxcywh_to_xyxy, generalized_box_iou, load_box_dataset, scale_sizes, xyxy_to_cxcywh,
+)
 from vitkit.data.datasets import channel_stats, train_val_split
 from vitkit.errors import VitkitError
 from vitkit.models.box_head import BACKBONES, BOX_HEADS, RESNET18_FEATURES, BoxModel, resnet18_backbone, vit_backbone
@@ -92,6 +96,9 @@ class BoxTrainConfig:
     box_head: str = option("mlp", "box regressor: mlp on the pooled feature (seed 001), or dense: on every patch "
                                 "token (ResNet: feature-map cell), a weight and the distances to the four edges, "
                                 "averaged by the weights")
+    cell_loss: float = option(0.0, "dense box head: weight of a per-cell loss, by which every patch token (cell) inside "
+                                   "the true box learns to give the box's edges on its own (FCOS), besides the "
+                                   "averaged box (0: off)")
     sigmoid: bool = option(True, "mlp box head: sigmoid on its output, so boxes stay in [0, 1]")
     box_scale: str = option("1", "factor on predicted widths and heights at evaluation, or auto: the one that "
                                  "maximises the validation mean IoU, fitted after training (for training boxes "
@@ -149,6 +156,9 @@ class BoxTrainConfig:
             (self.box_head in BOX_HEADS, f"unknown box head {self.box_head!r}: use one of {', '.join(BOX_HEADS)}"),
             (self.sigmoid or self.box_head == "mlp",
              "--no-sigmoid applies to the mlp box head (the dense head bounds its edges itself): drop it"),
+            (self.cell_loss >= 0, "--cell-loss must be 0 (off) or a positive weight, e.g. 1"),
+            (not self.cell_loss or self.box_head == "dense",
+             "--cell-loss trains the dense head's cells: add --box-head dense, or drop it"),
             (self.box_loss in BOX_LOSSES, f"unknown box loss {self.box_loss!r}: use one of {', '.join(BOX_LOSSES)}"),
             (self.box_scale == "auto" or _positive_number(self.box_scale),
              f"--box-scale {self.box_scale!r} is neither auto nor a positive number: pass e.g. auto, 0.95 or 1"),
@@ -200,15 +210,32 @@ def _positive_number(text: str) -> bool:
 # -- losses and figures ----------------------------------------------------------------------
 
 
-def box_loss(pred: Tensor, true: Tensor, kind: str) -> Tensor:
-    """Mean box loss of (cx, cy, w, h) boxes (B, 4): mse, smooth_l1 (β = SMOOTH_L1_BETA) or giou (1 − GIoU)."""
+def box_losses(pred: Tensor, true: Tensor, kind: str) -> Tensor:
+    """The loss of each pair of (cx, cy, w, h) boxes (..., 4) → (...): mse or smooth_l1 (β = SMOOTH_L1_BETA),
+    averaged over the four coordinates, or giou (1 − GIoU)."""
     if kind == "mse":
-        return F.mse_loss(pred, true)
+        return (pred - true).square().mean(-1)
     if kind == "smooth_l1":
-        return F.smooth_l1_loss(pred, true, beta=SMOOTH_L1_BETA)
+        return F.smooth_l1_loss(pred, true, beta=SMOOTH_L1_BETA, reduction="none").mean(-1)
     if kind == "giou":
-        return (1 - generalized_box_iou(pred, true)).mean()
+        return 1 - generalized_box_iou(pred, true)
     raise VitkitError(f"unknown box loss {kind!r}: use one of {', '.join(BOX_LOSSES)}")
+
+
+def box_loss(pred: Tensor, true: Tensor, kind: str) -> Tensor:
+    """Mean box loss of (cx, cy, w, h) boxes (B, 4) (see `box_losses`)."""
+    return box_losses(pred, true, kind).mean()
+
+
+def dense_cell_loss(edges: Tensor, centres: Tensor, true: Tensor, kind: str) -> Tensor:
+    """The dense head's per-cell loss: the box loss of each cell's own edges (B, cells, 4) (x1, y1, x2, y2) against
+    its image's true box (B, 4) (cx, cy, w, h), averaged over the cells whose centre (cells, 2) lies inside that
+    box (FCOS's positives; 0 if there are none). A mask, not indexing: no host synchronisation per step."""
+    x1, y1, x2, y2 = cxcywh_to_xyxy(true)[:, None, :].unbind(-1)  # each (B, 1)
+    cx, cy = centres[None].unbind(-1)  # each (1, cells)
+    inside = ((cx > x1) & (cx < x2) & (cy > y1) & (cy < y2)).to(edges.dtype)
+    per_cell = box_losses(xyxy_to_cxcywh(edges), true[:, None, :].expand_as(edges), kind)
+    return (per_cell * inside).sum() / inside.sum().clamp(min=1)
 
 
 def task_loss(logits: Tensor, pred: Tensor, labels: Tensor, boxes: Tensor, balance: float, kind: str
@@ -492,8 +519,10 @@ class BoxTrainer:
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not self.progress, leave=False)
         for x, y, b in bar:
             with autocast(self.device, cfg.bf16, cpu=cfg.cpu_bf16):
-                logits, pred = self.forward(x)
+                logits, pred, *cells = self.forward(x, cells=cfg.cell_loss > 0)
             loss, ce, bl = task_loss(logits, pred, y, b, self.balance, cfg.box_loss)
+            if cells:
+                loss = loss + cfg.cell_loss * dense_cell_loss(*cells, b, cfg.box_loss)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
