@@ -274,6 +274,8 @@ def test_the_cell_loss_trains_every_cell_to_give_the_box(small_squares, tmp_path
         with torch.no_grad():
             _, _, edges, centres = trainer.model(x, cells=True)
         errors[weight] = dense_cell_loss(edges, centres, b, "mse").item()
+        logged = [row.get("train_cell_loss") for row in trainer.history]
+        assert logged[-1] < logged[0] / 3 if weight else logged == [None] * cfg.epochs  # logged where it is trained
     assert errors[1.0] < errors[0.0] / 3, errors
 
 

@@ -513,16 +513,16 @@ class BoxTrainer:
         cfg, loader = self.cfg, self.loader
         loader.set_epoch(self.epoch)
         self.model.train()
-        # loss, ce, box loss, correct, IoU, images: summed on the device, no host synchronisation per step.
-        sums = torch.zeros(6, device=self.device)
+        # loss, ce, box loss, cell loss, correct, IoU, images: summed on the device, no host synchronisation per step.
+        sums = torch.zeros(7, device=self.device)
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not self.progress, leave=False)
         for x, y, b in bar:
             with autocast(self.device, cfg.bf16, cpu=cfg.cpu_bf16):
                 logits, pred, *cells = self.forward(x, cells=cfg.cell_loss > 0)
             loss, ce, bl = task_loss(logits, pred, y, b, self.balance, cfg.box_loss)
-            if cells:
-                loss = loss + cfg.cell_loss * dense_cell_loss(*cells, b, cfg.box_loss)
+            cl = dense_cell_loss(*cells, b, cfg.box_loss) if cells else torch.zeros((), device=self.device)
+            loss = loss + cfg.cell_loss * cl
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -534,19 +534,20 @@ class BoxTrainer:
                 self.scheduler.step()
             with torch.no_grad():
                 n = len(x)
-                sums[:5] += torch.stack([loss * n, ce * n, bl * n, (logits.argmax(1) == y).sum(), box_iou(pred, b).sum()])
-                sums[5] += n
+                sums[:6] += torch.stack([loss * n, ce * n, bl * n, cl * n, (logits.argmax(1) == y).sum(),
+                                         box_iou(pred, b).sum()])
+                sums[6] += n
         # Summed over the ranks in one collective: the figures of the global batches.
         *totals, seen = distributed.all_reduce_sum(sums).tolist()
-        loss, ce, bl, correct, iou = (t / seen for t in totals)
+        loss, ce, bl, cl, correct, iou = (t / seen for t in totals)
         elapsed = time.perf_counter() - start
         if not torch.isfinite(torch.tensor(loss)):
             raise VitkitError(
                 f"the training loss became {loss} in epoch {self.epoch + 1}: lower --lr or set --grad-clip 1.0, or "
                 f"resume from the last good epoch ({self.epoch}) with `vitkit train-boxes --resume {self.out}`"
             )
-        return {"train_loss": loss, "train_ce": ce, "train_box_loss": bl, "train_accuracy": correct,
-                "train_iou_mean": iou, "lr": self.optimizer.param_groups[0]["lr"], "epoch_seconds": elapsed,
+        return {"train_loss": loss, "train_ce": ce, "train_box_loss": bl,
+                **({"train_cell_loss": cl} if cfg.cell_loss else {}), "train_accuracy": correct, "train_iou_mean": iou, "lr": self.optimizer.param_groups[0]["lr"], "epoch_seconds": elapsed,
                 "images_per_second": seen / elapsed}
 
     def evaluate(self, model: BoxModel, data: BoxDataset, split: str, picture: Path | None = None) -> dict[str, float]:
