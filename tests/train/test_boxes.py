@@ -228,6 +228,19 @@ def test_box_losses():
         box_loss(pred, true, "l3")
 
 
+def test_task_loss_smooths_the_labels_of_its_cross_entropy_only():
+    g = torch.Generator().manual_seed(0)
+    logits, labels = 5 * torch.randn(8, 5, generator=g), torch.randint(0, 5, (8,), generator=g)
+    pred, true = torch.rand(8, 4, generator=g), torch.rand(8, 4, generator=g)
+    loss, ce, bl = task_loss(logits, pred, labels, true, 4.0, "mse", label_smoothing=0.1)
+    # Smoothed CE written out: 0.9 × CE of the label + 0.1 × mean CE over all classes.
+    log_p = logits.log_softmax(1)
+    smoothed = (-0.9 * log_p[torch.arange(8), labels] - 0.1 * log_p.mean(1)).mean()
+    assert ce.item() == pytest.approx(smoothed.item(), rel=1e-5)
+    assert abs(ce - F.cross_entropy(logits, labels)) > 0.01  # the smoothing did something
+    assert bl.item() == pytest.approx(F.mse_loss(pred, true).item()) and loss.item() == pytest.approx((ce / 4 + bl).item())
+
+
 def test_per_box_losses_average_to_the_mean_loss():
     g = torch.Generator().manual_seed(0)
     pred, true = torch.rand(3, 5, 4, generator=g) * 0.5 + 0.25, torch.rand(3, 5, 4, generator=g) * 0.5 + 0.25
@@ -301,6 +314,7 @@ def test_a_resnet18_backbone_trains_and_reloads(small_squares, tmp_path, box_hea
     (dict(box_scale="big"), "--box-scale 'big' is neither auto nor a positive number"),
     (dict(box_head="dense", sigmoid=False), "--no-sigmoid applies to the mlp box head"),
     (dict(cell_loss=1.0), "--cell-loss trains the dense head's cells"),
+    (dict(label_smoothing=1.0), "--label-smoothing must lie in"),
     (dict(box_head="dense", cell_loss=-1.0), "--cell-loss must be 0"),
     (dict(loss_balance="-1"), "neither auto nor a positive number"),
     (dict(schedule="step"), "unknown schedule"),

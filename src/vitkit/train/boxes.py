@@ -107,6 +107,7 @@ class BoxTrainConfig:
                                   "(imagenet with --pretrained weights, which were trained with it; else dataset)")
     # loss
     box_loss: str = option("mse", "box loss: mse (seed 001), smooth_l1 or giou")
+    label_smoothing: float = option(0.0, "label smoothing of the training cross-entropy (the reported CE is plain)")
     loss_balance: str = option("auto", "C in CE/C + box loss: a number, or auto (both terms equal at the start)")
     balance_batches: int = option(4, "training batches measured for --loss-balance auto")
     # optimisation
@@ -238,19 +239,19 @@ def dense_cell_loss(edges: Tensor, centres: Tensor, true: Tensor, kind: str) -> 
     return (per_cell * inside).sum() / inside.sum().clamp(min=1)
 
 
-def task_loss(logits: Tensor, pred: Tensor, labels: Tensor, boxes: Tensor, balance: float, kind: str
-              ) -> tuple[Tensor, Tensor, Tensor]:
-    """(CE / balance + box loss, CE, box loss), in float32."""
-    ce = F.cross_entropy(logits.float(), labels)
+def task_loss(logits: Tensor, pred: Tensor, labels: Tensor, boxes: Tensor, balance: float, kind: str,
+              label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(CE / balance + box loss, CE, box loss), in float32; the CE with `label_smoothing`."""
+    ce = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     bl = box_loss(pred.float(), boxes.float(), kind)
     return ce / balance + bl, ce, bl
 
 
 @torch.no_grad()
 def measure_loss_balance(model: BoxModel, loader: BoxLoader, kind: str, batches: int, device: torch.device,
-                         bf16: bool = False) -> float:
-    """C = mean CE / mean box loss over the first `batches` batches of epoch 0, in eval mode (no dropout, no
-    random draw): with it both loss terms start equal."""
+                         bf16: bool = False, label_smoothing: float = 0.0) -> float:
+    """C = mean CE (with `label_smoothing`, as in training) / mean box loss over the first `batches` batches of epoch
+    0, in eval mode (no dropout, no random draw): with it both loss terms start equal."""
     was_training = model.training
     model.eval()
     loader.set_epoch(0)
@@ -258,7 +259,7 @@ def measure_loss_balance(model: BoxModel, loader: BoxLoader, kind: str, batches:
     for _, (x, y, b) in zip(range(batches), loader):
         with autocast(device, bf16):
             logits, pred = model(x)
-        _, c, l = task_loss(logits, pred, y, b, 1.0, kind)
+        _, c, l = task_loss(logits, pred, y, b, 1.0, kind, label_smoothing)
         ce, bl = ce + c, bl + l
     model.train(was_training)
     return (ce / bl.clamp(min=1e-12)).item()
@@ -520,7 +521,7 @@ class BoxTrainer:
         for x, y, b in bar:
             with autocast(self.device, cfg.bf16, cpu=cfg.cpu_bf16):
                 logits, pred, *cells = self.forward(x, cells=cfg.cell_loss > 0)
-            loss, ce, bl = task_loss(logits, pred, y, b, self.balance, cfg.box_loss)
+            loss, ce, bl = task_loss(logits, pred, y, b, self.balance, cfg.box_loss, cfg.label_smoothing)
             cl = dense_cell_loss(*cells, b, cfg.box_loss) if cells else torch.zeros((), device=self.device)
             loss = loss + cfg.cell_loss * cl
             self.optimizer.zero_grad(set_to_none=True)
@@ -564,7 +565,8 @@ class BoxTrainer:
         if self.balance is None:
             # Measured by every rank on the first global batches, so all ranks (and a single process) agree on C.
             self.balance = measure_loss_balance(self.model, self.train_loader(self.cfg.batch_size), self.cfg.box_loss,
-                                                self.cfg.balance_batches, self.device, self.cfg.bf16)
+                                                self.cfg.balance_batches, self.device, self.cfg.bf16,
+                                                self.cfg.label_smoothing)
             if self.progress:
                 tqdm.write(f"loss balance C = {self.balance:.4g}: CE/C equals the {self.cfg.box_loss} box loss at the start")
         started = time.perf_counter()

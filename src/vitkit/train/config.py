@@ -30,6 +30,7 @@ def shared_checks(cfg: Any) -> list[tuple[bool, str]]:
         (cfg.warmup_epochs >= 0, "--warmup-epochs must be 0 (no warmup) or positive"),
         (cfg.grad_clip >= 0, "--grad-clip must be 0 (off) or a positive gradient norm"),
         (0 <= cfg.momentum < 1, "--momentum must lie in [0, 1), e.g. 0.9"),
+        (0 <= cfg.label_smoothing < 1, "--label-smoothing must lie in [0, 1), e.g. 0.1"),
         (0 <= cfg.val_fraction < 1, "--val-fraction must lie in [0, 1)"),
         (cfg.optimizer in ("adamw", "sgd"), f"unknown optimizer {cfg.optimizer!r}: use adamw or sgd"),
         (0 < cfg.layer_decay <= 1, "--layer-decay must lie in (0, 1] (1: off)"),
@@ -152,7 +153,6 @@ class TrainConfig:
         checks = shared_checks(self) + [
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}"),
             (self.step_size > 0 and self.gamma > 0, "--step-size and --gamma must be positive"),
-            (0 <= self.label_smoothing < 1, "--label-smoothing must lie in [0, 1), e.g. 0.1"),
             (self.resized_crop_scale is None or len(self.resized_crop_scale) == 2,
              "--resized-crop-scale takes two values, lo,hi: e.g. 0.8,1.0"),
             (len(self.resized_crop_ratio) == 2, "--resized-crop-ratio takes two values, lo,hi: e.g. 0.9,1.1"),
