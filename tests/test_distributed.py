@@ -120,13 +120,15 @@ def test_attack_in_two_processes_matches_one(runs, tmp_path):
     assert {k: v for k, v in s1.items() if k not in timing} == {k: v for k, v in s2.items() if k not in timing}
 
 
-def test_box_training_and_evaluation_in_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("head", [[], ["--box-head", "dense", "--cell-loss", "1", "--label-smoothing", "0.1"]])
+def test_box_training_and_evaluation_in_two_processes_match_one(tmp_path, head):
     """train-boxes (ViT, no dropout or augmentation) under 2 ranks takes the steps one process takes, with the same
-    measured loss balance C; `vitkit eval` of the box checkpoint gives the same figures."""
+    measured loss balance C (the dense head's cell loss too: its mean is over the global batch's cells);
+    `vitkit eval` of the box checkpoint gives the same figures."""
     data = write_yolo(tmp_path / "squares", {"train": 64, "valid": 21, "test": 23})
     tiny = ["--data", str(data), "--image-size", "32", "--patch-size", "8", "--dim", "32", "--depth", "1", "--heads", "2",
             "--mlp-dim", "64", "--hidden", "32", "--head-dropout", "0", "--epochs", "2", "--batch-size", "16",
-            "--lr", "1e-3", "--device", "cpu", "--quiet"]
+            "--lr", "1e-3", "--device", "cpu", "--quiet", *head]
     assert main(["train-boxes", *tiny, "--out", str(tmp_path / "one")]) == 0
     torchrun("train-boxes", *tiny, "--out", str(tmp_path / "two"))
     assert_same_weights(tmp_path / "one" / "last.safetensors", tmp_path / "two" / "last.safetensors")

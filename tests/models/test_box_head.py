@@ -130,6 +130,9 @@ def test_box_model_gives_cells_for_the_dense_head_only():
     assert edges.shape == (2, 16, 4) and centres.shape == (16, 2)
     plain_logits, plain_boxes = dense(x)
     assert torch.equal(logits, plain_logits) and torch.equal(boxes, plain_boxes)
+    _, grid = dense.features(x)
+    _, own_edges, own_centres = dense.regressor(grid, cells=True)  # the regressor's, unclipped and unscaled
+    assert torch.equal(edges, own_edges) and torch.equal(centres, own_centres)
     with pytest.raises(VitkitError, match="dense box head only"):
         tiny_box_vit()(torch.randn(2, 3, 16, 16), cells=True)
 

@@ -14,9 +14,9 @@ map from features to coordinates for each position separately; the backbone's po
 matter), and the weighted mean places an edge between cell centres, finer than the grid. Trained on the averaged box
 alone, single cells are poor guesses (they cancel out in the mean); `forward(x, cells=True)` also returns every
 cell's edges, for a per-cell loss (`vitkit train-boxes --cell-loss`) that makes each cell inside the box give the
-box on its own, as FCOS trains its locations. In eval mode the edges
-are clipped to the image (a true box lies inside it, so clipping can only raise the IoU); training leaves them
-free, so that an edge outside the image still gets a gradient.
+box on its own, as FCOS trains its locations. In eval mode the averaged box is clipped to the image (a true box
+lies inside it, so clipping can only raise the IoU); training leaves it free, so that an edge outside the image
+still gets a gradient. The per-cell edges are returned raw (neither clipped nor scaled).
 
 `box_scale` multiplies the predicted widths and heights (about the boxes' centres) in eval mode: a correction for
 training boxes drawn looser than the ones the model is judged on (`vitkit train-boxes --box-scale auto` fits it on
@@ -131,9 +131,9 @@ class BoxModel(nn.Module):
         # only good to 1/256 (about a pixel at 224) — too coarse for IoU ≥ 0.9.
         with torch.autocast(pooled.device.type, enabled=False):
             pooled = pooled.float()
-            per_cell: tuple[Tensor, ...] = ()
+            cell_outputs: tuple[Tensor, ...] = ()
             if self.box_head == "dense" and cells:
-                boxes, *per_cell = self.regressor(grid.float(), cells=True)
+                boxes, *cell_outputs = self.regressor(grid.float(), cells=True)
             elif self.box_head == "dense":
                 boxes = self.regressor(grid.float())
             else:
@@ -141,7 +141,7 @@ class BoxModel(nn.Module):
                 boxes = boxes.sigmoid() if self.sigmoid else boxes
             if not self.training and self.box_scale != 1:
                 boxes = scale_sizes(boxes, self.box_scale)
-            return self.classifier(pooled), boxes, *per_cell
+            return self.classifier(pooled), boxes, *cell_outputs
 
     def spec(self) -> dict[str, Any]:
         """The architecture as plain values (JSON), for checkpoints."""

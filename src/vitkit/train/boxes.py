@@ -22,7 +22,9 @@ best.safetensors (best by validation accuracy, then mean IoU, or the reverse; me
 normalisation, image size: a checkpoint loads on its own with `load_box_model`), state.pt (exact resume at epoch
 boundaries), history.jsonl, curves.png, boxes.png (test predictions) and summary.json. With --ema the checkpoints, and
 the validation and test figures, are those of the exponential moving average of the weights (the train_* figures
-are the live weights'); state.pt keeps both.
+are the live weights'); state.pt keeps both. train_loss is the objective trained on (the smoothed CE with
+--label-smoothing, plus the --cell-loss term, logged on its own as train_cell_loss); val_loss is CE / C + box loss with
+the plain CE.
 """
 
 from __future__ import annotations
@@ -107,7 +109,8 @@ class BoxTrainConfig:
                                   "(imagenet with --pretrained weights, which were trained with it; else dataset)")
     # loss
     box_loss: str = option("mse", "box loss: mse (seed 001), smooth_l1 or giou")
-    label_smoothing: float = option(0.0, "label smoothing of the training cross-entropy (the reported CE is plain)")
+    label_smoothing: float = option(0.0, "label smoothing of the training cross-entropy (train_ce and train_loss are "
+                                         "smoothed, validation and test CE plain)")
     loss_balance: str = option("auto", "C in CE/C + box loss: a number, or auto (both terms equal at the start)")
     balance_batches: int = option(4, "training batches measured for --loss-balance auto")
     # optimisation
@@ -230,13 +233,16 @@ def box_loss(pred: Tensor, true: Tensor, kind: str) -> Tensor:
 
 def dense_cell_loss(edges: Tensor, centres: Tensor, true: Tensor, kind: str) -> Tensor:
     """The dense head's per-cell loss: the box loss of each cell's own edges (B, cells, 4) (x1, y1, x2, y2) against
-    its image's true box (B, 4) (cx, cy, w, h), averaged over the cells whose centre (cells, 2) lies inside that
-    box (FCOS's positives; 0 if there are none). A mask, not indexing: no host synchronisation per step."""
+    its image's true box (B, 4) (cx, cy, w, h), averaged over every cell of the batch whose centre (cells, 2) lies
+    inside its image's box (FCOS's positives; 0 if there are none, as for boxes smaller than a cell). Under torchrun
+    the count is the whole global batch's, so that DDP's mean of the ranks' gradients is the gradient of one process
+    (one collective per step). A mask, not indexing: no host synchronisation."""
     x1, y1, x2, y2 = cxcywh_to_xyxy(true)[:, None, :].unbind(-1)  # each (B, 1)
     cx, cy = centres[None].unbind(-1)  # each (1, cells)
     inside = ((cx > x1) & (cx < x2) & (cy > y1) & (cy < y2)).to(edges.dtype)
-    per_cell = box_losses(xyxy_to_cxcywh(edges), true[:, None, :].expand_as(edges), kind)
-    return (per_cell * inside).sum() / inside.sum().clamp(min=1)
+    losses = box_losses(xyxy_to_cxcywh(edges), true[:, None, :].expand_as(edges), kind)
+    count = distributed.all_reduce_sum(inside.sum().detach())
+    return (losses * inside).sum() * distributed.world()[1] / count.clamp(min=1)
 
 
 def task_loss(logits: Tensor, pred: Tensor, labels: Tensor, boxes: Tensor, balance: float, kind: str,
@@ -547,8 +553,9 @@ class BoxTrainer:
                 f"the training loss became {loss} in epoch {self.epoch + 1}: lower --lr or set --grad-clip 1.0, or "
                 f"resume from the last good epoch ({self.epoch}) with `vitkit train-boxes --resume {self.out}`"
             )
-        return {"train_loss": loss, "train_ce": ce, "train_box_loss": bl,
-                **({"train_cell_loss": cl} if cfg.cell_loss else {}), "train_accuracy": correct, "train_iou_mean": iou, "lr": self.optimizer.param_groups[0]["lr"], "epoch_seconds": elapsed,
+        cell = {"train_cell_loss": cl} if cfg.cell_loss else {}
+        return {"train_loss": loss, "train_ce": ce, "train_box_loss": bl, **cell, "train_accuracy": correct,
+                "train_iou_mean": iou, "lr": self.optimizer.param_groups[0]["lr"], "epoch_seconds": elapsed,
                 "images_per_second": seen / elapsed}
 
     def evaluate(self, model: BoxModel, data: BoxDataset, split: str, picture: Path | None = None) -> dict[str, float]:
