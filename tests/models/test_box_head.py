@@ -43,6 +43,28 @@ def test_box_scale_stretches_widths_and_heights_in_eval_mode_only(box_head):
     assert torch.equal(plain.train()(x)[1], scaled.train()(x)[1])  # training fits the labels as they are
 
 
+@pytest.mark.parametrize("box_head", ["mlp", "dense"])
+def test_flip_tta_averages_an_image_with_its_mirror_in_eval_mode(box_head):
+    x = torch.randn(3, 3, 16, 16)
+    plain = tiny_box_vit(box_head=box_head, box_scale=0.9, dropout=0.0)
+    tta = tiny_box_vit(box_head=box_head, box_scale=0.9, dropout=0.0, flip_tta=True)
+    logits, boxes = tta(x)
+    # Written out: the two views one by one, the mirror's box reflected about the vertical midline.
+    (a, box_a), (b, box_b) = plain(x), plain(x.flip(-1))
+    reflected = torch.stack([1 - box_b[:, 0], box_b[:, 1], box_b[:, 2], box_b[:, 3]], dim=1)
+    torch.testing.assert_close(logits, (a + b) / 2)
+    torch.testing.assert_close(boxes, (box_a + reflected) / 2)
+    # So the averaged model is mirror-symmetric: a mirrored image gets the same class scores and the mirrored box.
+    mirror_logits, mirror_boxes = tta(x.flip(-1))
+    torch.testing.assert_close(mirror_logits, logits)
+    torch.testing.assert_close(mirror_boxes[:, 0], 1 - boxes[:, 0])
+    torch.testing.assert_close(mirror_boxes[:, 1:], boxes[:, 1:])
+    # Training and the per-cell outputs see the images as given.
+    assert all(torch.equal(p, q) for p, q in zip(tta.train()(x), plain.train()(x)))
+    if box_head == "dense":
+        assert all(torch.equal(p, q) for p, q in zip(tta.eval()(x, cells=True), plain.eval()(x, cells=True)))
+
+
 def test_heads_stay_float32_under_bf16_autocast():
     model = tiny_box_vit()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -165,7 +187,7 @@ def test_dense_head_is_translation_equivariant_and_finer_than_its_grid():
                                                ("resnet18", "dense")])
 def test_spec_rebuilds_the_same_architecture(backbone, box_head):
     if backbone == "vit":
-        model = tiny_box_vit(dropout=0.1, box_head=box_head, box_scale=0.95)
+        model = tiny_box_vit(dropout=0.1, box_head=box_head, box_scale=0.95, flip_tta=True)
     else:
         model = BoxModel(resnet18_backbone(cifar_stem=True), RESNET18_FEATURES, num_classes=3, hidden=16,
                          box_head=box_head)
@@ -173,8 +195,8 @@ def test_spec_rebuilds_the_same_architecture(backbone, box_head):
     own, other = model.state_dict(), rebuilt.state_dict()
     assert own.keys() == other.keys() and all(own[k].shape == other[k].shape for k in own)
     assert rebuilt.spec() == model.spec()
-    if backbone == "resnet18" and box_head == "mlp":  # checkpoints from before the dense head and the box scale
-        old = {k: v for k, v in model.spec().items() if k not in ("box_head", "box_scale")}
+    if backbone == "resnet18" and box_head == "mlp":  # checkpoints from before the dense head, scale and flip
+        old = {k: v for k, v in model.spec().items() if k not in ("box_head", "box_scale", "flip_tta")}
         assert BoxModel.from_spec(old).spec() == model.spec()
     size, classes = (16, 5) if backbone == "vit" else (32, 3)
     logits, boxes = model.eval()(torch.randn(2, 3, size, size))

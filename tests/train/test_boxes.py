@@ -134,6 +134,25 @@ def test_box_scale_auto_is_fitted_on_validation_and_saved_with_the_model(small_s
                                  val_fraction=0.0), tmp_path / "run")
 
 
+def test_flip_tta_is_saved_with_the_model_and_used_for_the_scale_and_the_figures(small_squares, tmp_path):
+    cfg = resume_config(small_squares, epochs=2, box_scale="auto", flip_tta=True, head_dropout=0.0)
+    summary = train_boxes(cfg, tmp_path, progress=False)
+    model, info = load_box_model(tmp_path)
+    assert model.flip_tta and info["box_model"]["flip_tta"]
+    val = load_box_dataset(str(small_squares), "val", 32)
+    # Written out with the single-view model: each image and its mirror, the mirror's box reflected back.
+    model.flip_tta, model.box_scale = False, 1.0
+    x = ((val.images.float() / 255 - torch.tensor(info["mean"])[:, None, None]) / torch.tensor(info["std"])[:, None, None])
+    with torch.no_grad():
+        (a, box_a), (b, box_b) = model(x), model(x.flip(-1))
+    box_b[:, 0] = 1 - box_b[:, 0]
+    logits, raw = (a + b) / 2, (box_a + box_b) / 2
+    assert summary["box_scale"] == fit_box_scale(raw, val.boxes)
+    assert summary["val_accuracy"] == pytest.approx((logits.argmax(1) == val.labels).float().mean().item())
+    scaled = scale_sizes(raw, summary["box_scale"])
+    assert summary["val_iou_mean"] == pytest.approx(box_iou(scaled, val.boxes).mean().item(), abs=1e-5)
+
+
 def resume_config(data, **overrides) -> BoxTrainConfig:
     # Head dropout and every augmentation draw random numbers; plateau adds a scheduler state to restore.
     base = dict(data=str(data), **TINY_VIT, epochs=3, batch_size=32, lr=2e-3, warmup_epochs=1, head_dropout=0.2,
@@ -344,6 +363,7 @@ def test_a_resnet18_backbone_trains_and_reloads(small_squares, tmp_path, box_hea
     (dict(box_scale="big"), "--box-scale 'big' is neither auto nor a positive number"),
     (dict(box_head="dense", sigmoid=False), "--no-sigmoid applies to the mlp box head"),
     (dict(cell_loss=1.0), "--cell-loss trains the dense head's cells"),
+    (dict(flip_tta=True), "--flip-tta averages each image with its mirror"),
     (dict(label_smoothing=1.0), "--label-smoothing must lie in"),
     (dict(box_head="dense", cell_loss=-1.0), "--cell-loss must be 0"),
     (dict(loss_balance="-1"), "neither auto nor a positive number"),

@@ -37,7 +37,7 @@ class BoxAugmentConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.hflip <= 1:
-            raise VitkitError(f"flip probability {self.hflip} is outside [0, 1]: pass e.g. 0.5 (or 0 for signs)")
+            raise VitkitError(f"flip probability {self.hflip} is outside [0, 1]: pass e.g. 0.5 (or 0: off)")
         for name in ("crop_scale", "crop_ratio"):
             if getattr(self, name) is not None and len(getattr(self, name)) != 2:
                 raise VitkitError(f"--{name.replace('_', '-')} takes two values, lo,hi: e.g. 0.6,1.0")

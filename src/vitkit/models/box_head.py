@@ -22,6 +22,10 @@ still gets a gradient. The per-cell edges are returned raw (neither clipped nor 
 training boxes drawn looser than the ones the model is judged on (`vitkit train-boxes --box-scale auto` fits it on
 the validation images; see vitkit.train.boxes).
 
+`flip_tta` makes eval mode average each image's predictions with those of its mirror image (the mirror's box
+reflected back): test-time augmentation for a model trained with mirrored images (`--hflip`), which then predicts the
+same class for an image and its mirror, and mirrored boxes.
+
 `BoxModel.spec()` describes the architecture in plain values; `BoxModel.from_spec` rebuilds it (fresh weights),
 which is how a checkpoint is reloaded on its own.
 """
@@ -85,7 +89,8 @@ class BoxModel(nn.Module):
     from the pooled feature, the box from it too (`box_head="mlp"`, seed 001) or from the grid (`"dense"`)."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, hidden: int = 512,
-                 dropout: float = 0.2, sigmoid: bool = True, box_head: str = "mlp", box_scale: float = 1.0):
+                 dropout: float = 0.2, sigmoid: bool = True, box_head: str = "mlp", box_scale: float = 1.0,
+                 flip_tta: bool = False):
         super().__init__()
         if num_classes < 1 or hidden < 1 or not 0 <= dropout < 1:
             raise VitkitError(f"box model needs classes ≥ 1, hidden ≥ 1 and dropout in [0, 1), got {num_classes}, "
@@ -105,6 +110,7 @@ class BoxModel(nn.Module):
         self.sigmoid = sigmoid
         self.box_head = box_head
         self.box_scale = float(box_scale)
+        self.flip_tta = bool(flip_tta)
         self.classifier = _mlp(feature_dim, hidden, num_classes, dropout)
         # The mlp head's sigmoid has no weights: the same keys either way.
         self.regressor = _mlp(feature_dim, hidden, 4, dropout) if box_head == "mlp" else DenseBoxRegressor(
@@ -123,9 +129,21 @@ class BoxModel(nn.Module):
 
     def forward(self, x: Tensor, cells: bool = False) -> tuple[Tensor, ...]:
         """(logits, boxes); with `cells` (dense head only), also the cells' edges (B, cells, 4) (x1, y1, x2, y2) and
-        centres (cells, 2), as `DenseBoxRegressor.per_cell` gives them."""
+        centres (cells, 2), as `DenseBoxRegressor.per_cell` gives them. With `flip_tta`, in eval mode, the mean of
+        the image's and its mirror's predictions."""
         if cells and self.box_head != "dense":
             raise VitkitError("per-cell outputs exist for the dense box head only: use --box-head dense")
+        if self.flip_tta and not self.training and not cells:
+            # One batch of the images and their mirrors; the mirrors' boxes reflected back (cx → 1 - cx). The box
+            # scale, applied to each box, commutes with the mean (it is linear in the widths and heights).
+            logits, boxes = self.single_view(torch.cat([x, x.flip(-1)]))
+            boxes = boxes.unflatten(0, (2, -1))
+            mirrored = torch.cat([1 - boxes[1, :, :1], boxes[1, :, 1:]], dim=1)
+            return logits.unflatten(0, (2, -1)).mean(0), (boxes[0] + mirrored) / 2
+        return self.single_view(x, cells)
+
+    def single_view(self, x: Tensor, cells: bool = False) -> tuple[Tensor, ...]:
+        """`forward` on the images as given (no mirror averaging)."""
         pooled, grid = self.features(x)
         # The heads run in float32 even under bf16 autocast: they cost nothing, and a box coordinate in bf16 is
         # only good to 1/256 (about a pixel at 224) — too coarse for IoU ≥ 0.9.
@@ -146,7 +164,8 @@ class BoxModel(nn.Module):
     def spec(self) -> dict[str, Any]:
         """The architecture as plain values (JSON), for checkpoints."""
         head = {"num_classes": self.num_classes, "hidden": self.hidden, "dropout": self.dropout,
-                "sigmoid": self.sigmoid, "box_head": self.box_head, "box_scale": self.box_scale}
+                "sigmoid": self.sigmoid, "box_head": self.box_head, "box_scale": self.box_scale,
+                "flip_tta": self.flip_tta}
         if isinstance(self.backbone, VisionTransformer):
             return {"backbone": "vit", "vit": self.backbone.cfg.to_dict(), **head}
         return {
@@ -160,8 +179,9 @@ class BoxModel(nn.Module):
     def from_spec(cls, spec: dict[str, Any]) -> BoxModel:
         """A freshly initialised model of `spec` (as `spec()` writes it)."""
         head = {k: spec[k] for k in ("num_classes", "hidden", "dropout", "sigmoid")}
-        # Checkpoints from before the dense head and the box scale have neither entry.
-        head.update(box_head=spec.get("box_head", "mlp"), box_scale=spec.get("box_scale", 1.0))
+        # Checkpoints from before the dense head, the box scale and the flip averaging lack their entries.
+        head.update(box_head=spec.get("box_head", "mlp"), box_scale=spec.get("box_scale", 1.0),
+                    flip_tta=spec.get("flip_tta", False))
         if spec["backbone"] == "vit":
             backbone = VisionTransformer(ViTConfig.from_dict(spec["vit"]))
             return cls(backbone, backbone.cfg.dim, **head)

@@ -17,6 +17,10 @@ training: the factor on predicted widths and heights that maximises the mean IoU
 with the model and applied whenever it predicts. Fitted there, the validation figures flatter it; the summary adds
 cross-fitted ones (each quarter of the validation images scored with the factor fitted on the other three).
 
+With --hflip the model also learns mirrored images; --flip-tta then makes every evaluation (validation during
+training, the box scale, test, the saved model's predictions) average each image's class scores and box with those
+of its mirror, at twice the cost of a prediction.
+
 A run folder holds config.json (the BoxTrainConfig, what `--resume` reads back), last.safetensors and
 best.safetensors (best by validation accuracy, then mean IoU, or the reverse; metadata task "boxes", the architecture, classes,
 normalisation, image size: a checkpoint loads on its own with `load_box_model`), state.pt (exact resume at epoch
@@ -105,6 +109,9 @@ class BoxTrainConfig:
     box_scale: str = option("1", "factor on predicted widths and heights at evaluation, or auto: the one that "
                                  "maximises the validation mean IoU, fitted after training (for training boxes "
                                  "looser than the evaluation ones)")
+    flip_tta: bool = option(False, "evaluation (validation, test, the box scale, the saved model) averages each "
+                                   "image's class scores and box with its mirror's: test-time augmentation for a "
+                                   "model trained with --hflip")
     normalize: str = option("auto", "pixel normalisation: imagenet, dataset (training-set statistics), or auto "
                                   "(imagenet with --pretrained weights, which were trained with it; else dataset)")
     # loss
@@ -134,7 +141,8 @@ class BoxTrainConfig:
     cpu_bf16: bool = option(False, "bfloat16 autocast of the backbone's training steps on the CPU too (a CPU with "
                                    "native bfloat16: AVX512-BF16, AMX); evaluation stays float32")
     # augmentation (batched on the device; boxes move with the pixels)
-    hflip: float = option(0.0, "horizontal flip probability (0 by default: a mirrored sign may be another letter)")
+    hflip: float = option(0.0, "horizontal flip probability (0 by default: a mirror can change what an image "
+                                 "shows, e.g. text; an ASL letter stays the same letter, signed with the other hand)")
     crop_scale: list[float] | None = option(None, "box-safe random crop: window area range, e.g. 0.6,1.0 (>1 zooms out)")
     crop_ratio: list[float] = option((0.75, 4 / 3), "box-safe random crop: window aspect-ratio range")
     brightness: float = option(0.0, "colour jitter: brightness factor range ±j")
@@ -172,6 +180,9 @@ class BoxTrainConfig:
             (self.normalize in NORMALIZATIONS, f"unknown --normalize {self.normalize!r}: use one of "
                                                f"{', '.join(NORMALIZATIONS)}"),
             (self.hidden > 0, "--hidden must be positive"),
+            (not self.flip_tta or self.hflip > 0,
+             "--flip-tta averages each image with its mirror, which the model sees in training only with --hflip: "
+             "add e.g. --hflip 0.5, or drop --flip-tta"),
             (0 <= self.head_dropout < 1, "--head-dropout must lie in [0, 1), e.g. 0.2"),
             (0 <= self.ema < 1, "--ema must lie in [0, 1), e.g. 0.995 (0: off)"),
             (self.plateau_patience >= 0, "--plateau-patience must be 0 or a positive number of epochs"),
@@ -372,7 +383,8 @@ def build_box_model(cfg: BoxTrainConfig, data: BoxDataset) -> BoxModel:
     else:
         backbone, dim = resnet18_backbone(cfg.pretrained, data.channels, cfg.cifar_stem), RESNET18_FEATURES
     scale = 1.0 if cfg.box_scale == "auto" else float(cfg.box_scale)  # auto: fitted after training
-    return BoxModel(backbone, dim, data.num_classes, cfg.hidden, cfg.head_dropout, cfg.sigmoid, cfg.box_head, scale)
+    return BoxModel(backbone, dim, data.num_classes, cfg.hidden, cfg.head_dropout, cfg.sigmoid, cfg.box_head, scale,
+                    cfg.flip_tta)
 
 
 def load_box_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[BoxModel, dict[str, Any]]:
