@@ -6,7 +6,8 @@ side, one thread each) gather in one file. A finished run folder whose configura
 reported again rather than retrained (the entry says so). Besides the run's validation and test figures, the
 best checkpoint is scored on the unaugmented training images (without a box scale): a small gap between the two says the model
 generalises as well as it fits, a large one that it memorises. With a box scale (`--set box_scale=auto`), the
-validation and test figures without it are recorded too, and the cross-fitted validation figures with it.
+validation and test figures without it are recorded too, and the cross-fitted validation figures with it. With
+`--set flip_tta=true`, so are the validation and test figures of the single view (no mirror averaging, same scale).
 
 Base: the DeiT-Ti weights, no frozen blocks, AdamW at 3e-4 with a 1-epoch warmup then cosine, 24 epochs of batch 32
 at 112 px, box-safe crops (area 0.6-1.0) and colour jitter 0.2, MSE with C balanced at the start, the best epoch by
@@ -66,6 +67,14 @@ def main() -> None:
         for split, part in (("val", data.val), ("test", data.test)):
             figures = evaluate_box_model(model, info, part, split, device, cfg.eval_batch_size, cfg.bf16)
             unscaled.update({f"{k}_without_box_scale": v for k, v in figures.items() if "iou" in k})
+    model.box_scale = scale
+    single_view = {}
+    if model.flip_tta:
+        model.flip_tta = False
+        for split, part in (("val", data.val), ("test", data.test)):
+            figures = evaluate_box_model(model, info, part, split, device, cfg.eval_batch_size, cfg.bf16)
+            single_view.update({f"{k}_without_flip_tta": v for k, v in figures.items()
+                                if k.endswith("accuracy") or "iou" in k})
     print(f"{args.name}: val accuracy {summary.get('val_accuracy', float('nan')):.4f}, IoU ≥ 0.5/0.75/0.9 "
           f"{summary.get('val_iou50', float('nan')):.3f} / {summary.get('val_iou75', float('nan')):.3f} / "
           f"{summary.get('val_iou90', float('nan')):.3f}; training images (unaugmented) mean IoU "
@@ -80,6 +89,7 @@ def main() -> None:
         **{k: summary[k] for k in KEPT if k in summary},
         **{k: v for k, v in fit.items() if k.startswith(("train_accuracy", "train_iou"))},
         **unscaled,
+        **single_view,
         "config": cfg.to_dict(),
     }
     save_report(report, out)
