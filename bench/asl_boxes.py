@@ -62,19 +62,22 @@ def main() -> None:
     data = prepare_box_data(cfg)
     scale, model.box_scale = model.box_scale, 1.0  # the boxes as trained: the training labels' sizes
     fit = evaluate_box_model(model, info, data.train, "train", device, cfg.eval_batch_size, cfg.bf16)
-    unscaled = {}
-    if scale != 1:
+
+    def score_val_and_test(suffix: str, with_accuracy: bool) -> dict:
+        """The model's validation and test IoU figures (and accuracy if asked), each key ending in _suffix."""
+        figures = {}
         for split, part in (("val", data.val), ("test", data.test)):
-            figures = evaluate_box_model(model, info, part, split, device, cfg.eval_batch_size, cfg.bf16)
-            unscaled.update({f"{k}_without_box_scale": v for k, v in figures.items() if "iou" in k})
+            scored = evaluate_box_model(model, info, part, split, device, cfg.eval_batch_size, cfg.bf16)
+            figures.update({f"{k}_{suffix}": v for k, v in scored.items()
+                            if "iou" in k or (with_accuracy and k.endswith("accuracy"))})
+        return figures
+
+    unscaled = score_val_and_test("without_box_scale", with_accuracy=False) if scale != 1 else {}
     model.box_scale = scale
     single_view = {}
     if model.flip_tta:
         model.flip_tta = False
-        for split, part in (("val", data.val), ("test", data.test)):
-            figures = evaluate_box_model(model, info, part, split, device, cfg.eval_batch_size, cfg.bf16)
-            single_view.update({f"{k}_without_flip_tta": v for k, v in figures.items()
-                                if k.endswith("accuracy") or "iou" in k})
+        single_view = score_val_and_test("without_flip_tta", with_accuracy=True)
     print(f"{args.name}: val accuracy {summary.get('val_accuracy', float('nan')):.4f}, IoU ≥ 0.5/0.75/0.9 "
           f"{summary.get('val_iou50', float('nan')):.3f} / {summary.get('val_iou75', float('nan')):.3f} / "
           f"{summary.get('val_iou90', float('nan')):.3f}; training images (unaugmented) mean IoU "
