@@ -183,20 +183,40 @@ def test_dense_head_is_translation_equivariant_and_finer_than_its_grid():
     assert abs(centre_x - centre_x.round()) > 1e-3
 
 
-@pytest.mark.parametrize("backbone,box_head", [("vit", "mlp"), ("vit", "dense"), ("resnet18", "mlp"),
-                                               ("resnet18", "dense")])
-def test_spec_rebuilds_the_same_architecture(backbone, box_head):
+def test_region_pool_classifies_the_class_token_and_the_cells_averaged_by_the_box_weights():
+    model = tiny_box_vit(box_head="dense", region_pool=True, dropout=0.0)
+    x = torch.randn(3, 3, 16, 16)
+    logits, boxes = model(x)
+    pooled, grid = model.features(x)
+    weight, _, _ = model.regressor.per_cell(grid)
+    region = torch.zeros_like(pooled)
+    for row in range(4):  # written out cell by cell, row-major as the weights are
+        for col in range(4):
+            region += weight[:, 4 * row + col, None] * grid[:, row, col]
+    torch.testing.assert_close(logits, model.classifier(torch.cat([pooled, region], dim=1)))
+    torch.testing.assert_close(boxes, model.regressor(grid))  # the box is the dense head's, as without pooling
+    # The class loss trains the backbone and the classifier, not where the box head looks.
+    model.train()
+    torch.nn.functional.cross_entropy(model(x)[0], torch.tensor([0, 1, 2])).backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.regressor.parameters())
+    assert model.backbone.pos_embed.grad.abs().sum() > 0 and model.classifier[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backbone,box_head,region_pool", [("vit", "mlp", False), ("vit", "dense", False),
+                                                           ("vit", "dense", True), ("resnet18", "mlp", False),
+                                                           ("resnet18", "dense", True)])
+def test_spec_rebuilds_the_same_architecture(backbone, box_head, region_pool):
     if backbone == "vit":
-        model = tiny_box_vit(dropout=0.1, box_head=box_head, box_scale=0.95, flip_tta=True)
+        model = tiny_box_vit(dropout=0.1, box_head=box_head, box_scale=0.95, flip_tta=True, region_pool=region_pool)
     else:
         model = BoxModel(resnet18_backbone(cifar_stem=True), RESNET18_FEATURES, num_classes=3, hidden=16,
-                         box_head=box_head)
+                         box_head=box_head, region_pool=region_pool)
     rebuilt = BoxModel.from_spec(model.spec())
     own, other = model.state_dict(), rebuilt.state_dict()
     assert own.keys() == other.keys() and all(own[k].shape == other[k].shape for k in own)
     assert rebuilt.spec() == model.spec()
     if backbone == "resnet18" and box_head == "mlp":  # checkpoints from before the dense head, scale and flip
-        old = {k: v for k, v in model.spec().items() if k not in ("box_head", "box_scale", "flip_tta")}
+        old = {k: v for k, v in model.spec().items() if k not in ("box_head", "box_scale", "flip_tta", "region_pool")}
         assert BoxModel.from_spec(old).spec() == model.spec()
     size, classes = (16, 5) if backbone == "vit" else (32, 3)
     logits, boxes = model.eval()(torch.randn(2, 3, size, size))
@@ -241,5 +261,7 @@ def test_bad_head_settings_are_user_errors():
         tiny_box_vit(box_head="fcos")
     with pytest.raises(VitkitError, match="drop --no-sigmoid"):
         tiny_box_vit(box_head="dense", sigmoid=False)
+    with pytest.raises(VitkitError, match="--region-pool pools the features where the dense box head looks"):
+        tiny_box_vit(region_pool=True)
     with pytest.raises(VitkitError, match="not a positive factor"):
         tiny_box_vit(box_scale=0.0)

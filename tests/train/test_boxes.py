@@ -134,11 +134,13 @@ def test_box_scale_auto_is_fitted_on_validation_and_saved_with_the_model(small_s
                                  val_fraction=0.0), tmp_path / "run")
 
 
-def test_flip_tta_is_saved_with_the_model_and_used_for_the_scale_and_the_figures(small_squares, tmp_path):
-    cfg = resume_config(small_squares, epochs=2, box_scale="auto", flip_tta=True, head_dropout=0.0)
+@pytest.mark.parametrize("head", [{}, dict(box_head="dense", region_pool=True)])
+def test_flip_tta_is_saved_with_the_model_and_used_for_the_scale_and_the_figures(small_squares, tmp_path, head):
+    cfg = resume_config(small_squares, epochs=2, box_scale="auto", flip_tta=True, head_dropout=0.0, **head)
     summary = train_boxes(cfg, tmp_path, progress=False)
     model, info = load_box_model(tmp_path)
     assert model.flip_tta and info["box_model"]["flip_tta"]
+    assert model.region_pool == info["box_model"]["region_pool"] == bool(head)
     val = load_box_dataset(str(small_squares), "val", 32)
     # Written out with the single-view model: each image and its mirror, the mirror's box reflected back.
     model.flip_tta, model.box_scale = False, 1.0
@@ -363,6 +365,7 @@ def test_a_resnet18_backbone_trains_and_reloads(small_squares, tmp_path, box_hea
     (dict(box_scale="big"), "--box-scale 'big' is neither auto nor a positive number"),
     (dict(box_head="dense", sigmoid=False), "--no-sigmoid applies to the mlp box head"),
     (dict(cell_loss=1.0), "--cell-loss trains the dense head's cells"),
+    (dict(region_pool=True), "--region-pool pools the features where the dense box head looks"),
     (dict(flip_tta=True), "--flip-tta averages each image with its mirror"),
     (dict(label_smoothing=1.0), "--label-smoothing must lie in"),
     (dict(box_head="dense", cell_loss=-1.0), "--cell-loss must be 0"),

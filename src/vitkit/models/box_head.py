@@ -18,6 +18,11 @@ box on its own, as FCOS trains its locations. In eval mode the averaged box is c
 lies inside it, so clipping can only raise the IoU); training leaves it free, so that an edge outside the image
 still gets a gradient. The per-cell edges are returned raw (neither clipped nor scaled).
 
+`region_pool` (dense head only) widens the classifier's input: besides the pooled feature, the grid's features
+averaged with the dense head's cell weights, i.e. the features of where the head finds the object (a soft region of
+interest pooling, as two-stage detectors classify a box's pooled features). The weights are taken without their
+gradient, so the class loss does not move where the box head looks.
+
 `box_scale` multiplies the predicted widths and heights (about the boxes' centres) in eval mode: a correction for
 training boxes drawn looser than the ones the model is judged on (`vitkit train-boxes --box-scale auto` fits it on
 the validation images; see vitkit.train.boxes).
@@ -76,21 +81,27 @@ class DenseBoxRegressor(nn.Module):
         edges = centres.repeat(1, 2) + outward * out[..., 1:].sigmoid()
         return out[..., 0].softmax(dim=1), edges, centres
 
+    def average(self, weight: Tensor, edges: Tensor) -> Tensor:
+        """The box (B, 4) (cx, cy, w, h) from `per_cell`'s weights and edges: their weighted mean, clipped to the
+        image in eval mode."""
+        box = torch.einsum("bn,bnk->bk", weight, edges)
+        return xyxy_to_cxcywh(box if self.training else box.clamp(0, 1))
+
     def forward(self, grid: Tensor, cells: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor]:
         """The box (B, 4); with `cells`, also the cells' edges and centres (for a per-cell loss)."""
         weight, edges, centres = self.per_cell(grid)
-        box = torch.einsum("bn,bnk->bk", weight, edges)
-        box = xyxy_to_cxcywh(box if self.training else box.clamp(0, 1))
+        box = self.average(weight, edges)
         return (box, edges, centres) if cells else box
 
 
 class BoxModel(nn.Module):
     """Returns (logits (B, classes), boxes (B, 4)) from a backbone's features of width `feature_dim`: the classes
-    from the pooled feature, the box from it too (`box_head="mlp"`, seed 001) or from the grid (`"dense"`)."""
+    from the pooled feature (with `region_pool`, also from the grid pooled where the dense head looks), the box
+    from it too (`box_head="mlp"`, seed 001) or from the grid (`"dense"`)."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, hidden: int = 512,
                  dropout: float = 0.2, sigmoid: bool = True, box_head: str = "mlp", box_scale: float = 1.0,
-                 flip_tta: bool = False):
+                 flip_tta: bool = False, region_pool: bool = False):
         super().__init__()
         if num_classes < 1 or hidden < 1 or not 0 <= dropout < 1:
             raise VitkitError(f"box model needs classes ≥ 1, hidden ≥ 1 and dropout in [0, 1), got {num_classes}, "
@@ -102,6 +113,9 @@ class BoxModel(nn.Module):
         if box_head == "dense" and not sigmoid:
             raise VitkitError("the dense box head bounds its edge distances itself: drop --no-sigmoid, or use "
                               "--box-head mlp")
+        if region_pool and box_head != "dense":
+            raise VitkitError("--region-pool pools the features where the dense box head looks: add --box-head "
+                              "dense, or drop it")
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.num_classes = num_classes
@@ -111,7 +125,8 @@ class BoxModel(nn.Module):
         self.box_head = box_head
         self.box_scale = float(box_scale)
         self.flip_tta = bool(flip_tta)
-        self.classifier = _mlp(feature_dim, hidden, num_classes, dropout)
+        self.region_pool = bool(region_pool)
+        self.classifier = _mlp(feature_dim * (2 if region_pool else 1), hidden, num_classes, dropout)
         # The mlp head's sigmoid has no weights: the same keys either way.
         self.regressor = _mlp(feature_dim, hidden, 4, dropout) if box_head == "mlp" else DenseBoxRegressor(
             feature_dim, hidden, dropout)
@@ -149,23 +164,27 @@ class BoxModel(nn.Module):
         # only good to 1/256 (about a pixel at 224) — too coarse for IoU ≥ 0.9.
         with torch.autocast(pooled.device.type, enabled=False):
             pooled = pooled.float()
-            cell_outputs: tuple[Tensor, ...] = ()
-            if self.box_head == "dense" and cells:
-                boxes, *cell_outputs = self.regressor(grid.float(), cells=True)
-            elif self.box_head == "dense":
-                boxes = self.regressor(grid.float())
+            class_input, cell_outputs = pooled, ()
+            if self.box_head == "dense":
+                grid = grid.float()
+                weight, edges, centres = self.regressor.per_cell(grid)
+                boxes = self.regressor.average(weight, edges)
+                cell_outputs = (edges, centres) if cells else ()
+                if self.region_pool:
+                    region = torch.einsum("bn,bnd->bd", weight.detach(), grid.flatten(1, 2))
+                    class_input = torch.cat([pooled, region], dim=1)
             else:
                 boxes = self.regressor(pooled)
                 boxes = boxes.sigmoid() if self.sigmoid else boxes
             if not self.training and self.box_scale != 1:
                 boxes = scale_sizes(boxes, self.box_scale)
-            return self.classifier(pooled), boxes, *cell_outputs
+            return self.classifier(class_input), boxes, *cell_outputs
 
     def spec(self) -> dict[str, Any]:
         """The architecture as plain values (JSON), for checkpoints."""
         head = {"num_classes": self.num_classes, "hidden": self.hidden, "dropout": self.dropout,
                 "sigmoid": self.sigmoid, "box_head": self.box_head, "box_scale": self.box_scale,
-                "flip_tta": self.flip_tta}
+                "flip_tta": self.flip_tta, "region_pool": self.region_pool}
         if isinstance(self.backbone, VisionTransformer):
             return {"backbone": "vit", "vit": self.backbone.cfg.to_dict(), **head}
         return {
@@ -179,9 +198,10 @@ class BoxModel(nn.Module):
     def from_spec(cls, spec: dict[str, Any]) -> BoxModel:
         """A freshly initialised model of `spec` (as `spec()` writes it)."""
         head = {k: spec[k] for k in ("num_classes", "hidden", "dropout", "sigmoid")}
-        # Checkpoints from before the dense head, the box scale and the flip averaging lack their entries.
+        # Checkpoints from before the dense head, the box scale, the flip averaging and the region pooling lack
+        # their entries.
         head.update(box_head=spec.get("box_head", "mlp"), box_scale=spec.get("box_scale", 1.0),
-                    flip_tta=spec.get("flip_tta", False))
+                    flip_tta=spec.get("flip_tta", False), region_pool=spec.get("region_pool", False))
         if spec["backbone"] == "vit":
             backbone = VisionTransformer(ViTConfig.from_dict(spec["vit"]))
             return cls(backbone, backbone.cfg.dim, **head)

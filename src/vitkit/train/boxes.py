@@ -105,6 +105,8 @@ class BoxTrainConfig:
     cell_loss: float = option(0.0, "dense box head: weight of a per-cell loss, by which every patch token (cell) inside "
                                    "the true box learns to give the box's edges on its own (FCOS), besides the "
                                    "averaged box (0: off)")
+    region_pool: bool = option(False, "dense box head: the classifier also reads the patch tokens (cells) averaged "
+                                      "with the box head's weights, the features of where it finds the object")
     sigmoid: bool = option(True, "mlp box head: sigmoid on its output, so boxes stay in [0, 1]")
     box_scale: str = option("1", "factor on predicted widths and heights at evaluation, or auto: the one that "
                                  "maximises the validation mean IoU, fitted after training (for training boxes "
@@ -171,6 +173,8 @@ class BoxTrainConfig:
             (self.cell_loss >= 0, "--cell-loss must be 0 (off) or a positive weight, e.g. 1"),
             (not self.cell_loss or self.box_head == "dense",
              "--cell-loss trains the dense head's cells: add --box-head dense, or drop it"),
+            (not self.region_pool or self.box_head == "dense",
+             "--region-pool pools the features where the dense box head looks: add --box-head dense, or drop it"),
             (self.box_loss in BOX_LOSSES, f"unknown box loss {self.box_loss!r}: use one of {', '.join(BOX_LOSSES)}"),
             (self.box_scale == "auto" or _positive_number(self.box_scale),
              f"--box-scale {self.box_scale!r} is neither auto nor a positive number: pass e.g. auto, 0.95 or 1"),
@@ -384,7 +388,7 @@ def build_box_model(cfg: BoxTrainConfig, data: BoxDataset) -> BoxModel:
         backbone, dim = resnet18_backbone(cfg.pretrained, data.channels, cfg.cifar_stem), RESNET18_FEATURES
     scale = 1.0 if cfg.box_scale == "auto" else float(cfg.box_scale)  # auto: fitted after training
     return BoxModel(backbone, dim, data.num_classes, cfg.hidden, cfg.head_dropout, cfg.sigmoid, cfg.box_head, scale,
-                    cfg.flip_tta)
+                    cfg.flip_tta, cfg.region_pool)
 
 
 def load_box_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[BoxModel, dict[str, Any]]:
