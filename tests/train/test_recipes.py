@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import WEIGHTS, requires_weights
 from vitkit.models import VisionTransformer
@@ -24,7 +25,7 @@ def test_every_recipe_builds_its_model(name):
             pytest.skip(f"{name} starts from DeiT-Ti weights, not at {WEIGHTS} (see ../shared/weights/README.md)")
         flags["pretrained"] = str(WEIGHTS)
     cfg = build_config(name, None, flags)
-    size, channels = (8, 1) if name == "digits" else (32, 3)
+    size, channels = (8, 1) if name == "digits" else (cfg.image_size or 32, 3)  # data are resized to image_size
     model = build_model(cfg, data_like(size, channels)).eval()
     assert isinstance(model, VisionTransformer) == (cfg.model != "resnet18")
     if isinstance(model, VisionTransformer):
@@ -57,5 +58,25 @@ def test_the_pretrained_smoothing_recipe_keeps_seed_000s_setting_at_32_pixels():
     model = build_model(cfg, data_like(32, 3))
     assert (model.cfg.image_size, model.cfg.patch_size, model.cfg.grid_size, model.cfg.dim) == (32, 4, 8, 192)
     reference = load_pretrained(WEIGHTS, num_classes=10, image_size=32, patch_size=4).state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+
+
+@requires_weights
+def test_the_224_pixel_smoothing_recipe_is_seed_000s_setting_scaled_by_7():
+    """The paper's set-up: 224-px images, DeiT-Ti's own 16×16 patches and position embeddings taken unchanged,
+    the ablation width and crop padding of the 32-px recipe times 224/32."""
+    from vitkit.models import load_pretrained
+
+    small = build_config("cifar10-smoothing-deit", None, {"pretrained": str(WEIGHTS)})
+    cfg = build_config("cifar10-smoothing-deit224", None, {"pretrained": str(WEIGHTS)})
+    scale = cfg.image_size // 32
+    assert (cfg.image_size, scale) == (224, 7) and cfg.ablation == small.ablation == "column"
+    assert (cfg.ablation_size, cfg.crop_padding) == (small.ablation_size * scale, small.crop_padding * scale)
+    model = build_model(cfg, data_like(224, 3))
+    assert (model.cfg.patch_size, model.cfg.grid_size) == (16, 14)
+    reference = load_pretrained(WEIGHTS, num_classes=10, image_size=224, patch_size=16).state_dict()
+    raw = load_file(str(WEIGHTS))
+    assert torch.equal(model.state_dict()["pos_embed"], raw["pos_embed"])  # not resampled
     for key, value in model.state_dict().items():
         assert torch.equal(value, reference[key]), key
