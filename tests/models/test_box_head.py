@@ -135,8 +135,10 @@ def test_dense_head_cells_are_its_per_cell_edges_and_centres():
     torch.manual_seed(0)
     regressor = DenseBoxRegressor(dim=6, hidden=8, dropout=0.0)
     grid = 3 * torch.randn(2, 3, 5, 6)
-    box, edges, centres = regressor(grid, cells=True)
-    assert torch.equal(box, regressor(grid)) and edges.shape == (2, 15, 4) and centres.shape == (15, 2)
+    weight, edges, centres = regressor.per_cell(grid)
+    assert torch.equal(regressor.average(weight, edges), regressor(grid))
+    assert edges.shape == (2, 15, 4) and centres.shape == (15, 2)
+    torch.testing.assert_close(weight.sum(1), torch.ones(2))
     for b, r, c in [(0, 0, 0), (0, 2, 4), (1, 1, 3)]:
         left, top, right, bottom = regressor.mlp(grid[b, r, c])[1:].sigmoid()
         centre_x, centre_y = (c + 0.5) / 5, (r + 0.5) / 3  # cells row by row
@@ -153,7 +155,7 @@ def test_box_model_gives_cells_for_the_dense_head_only():
     plain_logits, plain_boxes = dense(x)
     assert torch.equal(logits, plain_logits) and torch.equal(boxes, plain_boxes)
     _, grid = dense.features(x)
-    _, own_edges, own_centres = dense.regressor(grid, cells=True)  # the regressor's, unclipped and unscaled
+    _, own_edges, own_centres = dense.regressor.per_cell(grid)  # the regressor's, unclipped and unscaled
     assert torch.equal(edges, own_edges) and torch.equal(centres, own_centres)
     with pytest.raises(VitkitError, match="dense box head only"):
         tiny_box_vit()(torch.randn(2, 3, 16, 16), cells=True)
@@ -215,7 +217,7 @@ def test_spec_rebuilds_the_same_architecture(backbone, box_head, region_pool):
     own, other = model.state_dict(), rebuilt.state_dict()
     assert own.keys() == other.keys() and all(own[k].shape == other[k].shape for k in own)
     assert rebuilt.spec() == model.spec()
-    if backbone == "resnet18" and box_head == "mlp":  # checkpoints from before the dense head, scale and flip
+    if backbone == "resnet18" and box_head == "mlp":  # checkpoints from before the dense head, scale, flip, pool
         old = {k: v for k, v in model.spec().items() if k not in ("box_head", "box_scale", "flip_tta", "region_pool")}
         assert BoxModel.from_spec(old).spec() == model.spec()
     size, classes = (16, 5) if backbone == "vit" else (32, 3)

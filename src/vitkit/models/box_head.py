@@ -87,11 +87,10 @@ class DenseBoxRegressor(nn.Module):
         box = torch.einsum("bn,bnk->bk", weight, edges)
         return xyxy_to_cxcywh(box if self.training else box.clamp(0, 1))
 
-    def forward(self, grid: Tensor, cells: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor]:
-        """The box (B, 4); with `cells`, also the cells' edges and centres (for a per-cell loss)."""
-        weight, edges, centres = self.per_cell(grid)
-        box = self.average(weight, edges)
-        return (box, edges, centres) if cells else box
+    def forward(self, grid: Tensor) -> Tensor:
+        """The box (B, 4)."""
+        weight, edges, _ = self.per_cell(grid)
+        return self.average(weight, edges)
 
 
 class BoxModel(nn.Module):
