@@ -13,7 +13,7 @@ from synthetic_boxes import COLOURS, square_images, write_yolo
 
 from vitkit.data.box_augment import BoxAugment, BoxAugmentConfig, BoxLoader
 from vitkit.data.boxes import (
-    MissingSplit, box_iou, cxcywh_to_xyxy, generalized_box_iou, load_box_dataset, xyxy_to_cxcywh,
+    MissingSplit, box_iou, cxcywh_to_xyxy, generalized_box_iou, load_box_dataset, square_crops, xyxy_to_cxcywh,
 )
 from vitkit.errors import VitkitError
 
@@ -56,6 +56,28 @@ def bright_rectangles(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch
     images = inside[:, None].expand(-1, 3, -1, -1).float()
     boxes = torch.stack([x0 + w / 2, y0 + h / 2, w, h], dim=1).float() / size
     return images, boxes
+
+
+def test_square_crops_are_the_pixels_of_the_square_around_each_box():
+    images = torch.randn(3, 2, 16, 16, dtype=torch.float64)
+    # Squares that fall on whole pixels, cropped at their own pixel size: no resampling, the very pixels. Image 0:
+    # a 0.5-wide square centred at (0.5, 0.5) = pixels 4..11; image 1: a tall box, its 0.25 height (×2 margin)
+    # sets the square, centred at (0.375, 0.625) = columns 2..9, rows 6..13; image 2 half outside the image.
+    boxes = torch.tensor([[0.5, 0.5, 0.5, 0.3], [0.375, 0.625, 0.1, 0.25], [0.0, 0.25, 0.25, 0.5]],
+                         dtype=torch.float64)
+    margins = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
+    crops = [square_crops(images[i:i + 1], boxes[i:i + 1], float(margins[i]), 8)[0] for i in range(3)]
+    torch.testing.assert_close(crops[0], images[0, :, 4:12, 4:12])
+    torch.testing.assert_close(crops[1], images[1, :, 6:14, 2:10])
+    torch.testing.assert_close(crops[2][:, :, 4:], images[2, :, 0:8, 0:4])  # columns -4..3: the left half is 0
+    assert not crops[2][:, :, :4].any()
+    # Upsampled ×2 (16 pixels for 8): bilinear interpolation of those pixels, away from the crop's border.
+    big = square_crops(images[:1], boxes[:1], 1.0, 16)[0]
+    upsampled = torch.nn.functional.interpolate(images[:1, :, 4:12, 4:12], scale_factor=2, mode="bilinear")[0]
+    torch.testing.assert_close(big[:, 1:-1, 1:-1], upsampled[:, 1:-1, 1:-1])
+    # The batch in one call: each image with its own box (one margin for all).
+    torch.testing.assert_close(square_crops(images[:2], torch.stack([boxes[0], boxes[0]]), 1.0, 8),
+                               torch.stack([crops[0], images[1, :, 4:12, 4:12]]))
 
 
 @pytest.mark.parametrize("scale", [(0.2, 1.0), (0.5, 2.0)], ids=["crop", "zoom-out"])

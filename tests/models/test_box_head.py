@@ -5,6 +5,7 @@ import torch
 from conftest import WEIGHTS, requires_weights
 from safetensors.torch import save_file
 
+from vitkit.data.boxes import square_crops
 from vitkit.errors import VitkitError
 from vitkit.models.box_head import RESNET18_FEATURES, BoxModel, DenseBoxRegressor, resnet18_backbone, vit_backbone
 from vitkit.models.resnet import resnet18
@@ -204,21 +205,56 @@ def test_region_pool_classifies_the_class_token_and_the_cells_averaged_by_the_bo
     assert model.backbone.pos_embed.grad.abs().sum() > 0 and model.classifier[0].weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("backbone,box_head,region_pool", [("vit", "mlp", False), ("vit", "dense", False),
-                                                           ("vit", "dense", True), ("resnet18", "mlp", False),
-                                                           ("resnet18", "dense", True)])
-def test_spec_rebuilds_the_same_architecture(backbone, box_head, region_pool):
+@pytest.mark.parametrize("box_head", ["mlp", "dense"])
+def test_zoom_classifies_a_second_pass_over_the_square_around_the_box(box_head):
+    model = tiny_box_vit(box_head=box_head, zoom=1.5, box_scale=0.9, dropout=0.0)
+    plain = tiny_box_vit(box_head=box_head, box_scale=0.9, dropout=0.0)  # the same weights (seeded), no zoom
+    x = torch.randn(3, 3, 16, 16)
+    logits, boxes = model(x)
+    torch.testing.assert_close(boxes, plain(x)[1])  # the box is the first pass's, scaled as without zoom
+    plain.box_scale = 1.0
+    crops = square_crops(x, plain(x)[1], 1.5, 16)  # around the box before the scale: training crops alike
+    torch.testing.assert_close(logits, model.classifier(model.features(crops)[0]))
+    # The class loss trains the backbone (both passes) and the classifier, not the box regressor.
+    model.train()
+    torch.nn.functional.cross_entropy(model(x)[0], torch.tensor([0, 1, 2])).backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.regressor.parameters())
+    assert model.backbone.pos_embed.grad.abs().sum() > 0 and model.classifier[0].weight.grad.abs().sum() > 0
+
+
+def test_a_larger_input_is_resized_for_the_first_pass_and_the_zoom_crops_it_at_full_detail():
+    model = tiny_box_vit(box_head="dense", zoom=1.2, view_size=16, dropout=0.0)
+    plain = tiny_box_vit(box_head="dense", zoom=1.2, dropout=0.0)  # the same weights, fed 16-pixel images
+    big = torch.randn(2, 3, 32, 32)
+    small = torch.nn.functional.interpolate(big, size=(16, 16), mode="bilinear", antialias=True)
+    logits, boxes = model(big)
+    _, expected_boxes = plain(small)
+    torch.testing.assert_close(boxes, expected_boxes)  # the first pass sees the image at the backbone's size
+    crops = square_crops(big, boxes, 1.2, 16)  # cut from the 32-pixel images
+    torch.testing.assert_close(logits, model.classifier(model.features(crops)[0]))
+    assert not torch.allclose(logits, plain(small)[0])  # ... which is not the crop of the 16-pixel image
+    torch.testing.assert_close(model(small)[1], expected_boxes)  # an input at the view size passes unchanged
+
+
+@pytest.mark.parametrize("backbone,box_head,region_pool,zoom", [
+    ("vit", "mlp", False, 0.0), ("vit", "dense", False, 1.2), ("vit", "dense", True, 0.0),
+    ("resnet18", "mlp", False, 0.0), ("resnet18", "dense", True, 0.0), ("resnet18", "mlp", False, 1.2),
+])
+def test_spec_rebuilds_the_same_architecture(backbone, box_head, region_pool, zoom):
     if backbone == "vit":
-        model = tiny_box_vit(dropout=0.1, box_head=box_head, box_scale=0.95, flip_tta=True, region_pool=region_pool)
+        model = tiny_box_vit(dropout=0.1, box_head=box_head, box_scale=0.95, flip_tta=True, region_pool=region_pool,
+                             zoom=zoom, view_size=16 if zoom else None)
     else:
         model = BoxModel(resnet18_backbone(cifar_stem=True), RESNET18_FEATURES, num_classes=3, hidden=16,
-                         box_head=box_head, region_pool=region_pool)
+                         box_head=box_head, region_pool=region_pool, zoom=zoom)
     rebuilt = BoxModel.from_spec(model.spec())
     own, other = model.state_dict(), rebuilt.state_dict()
     assert own.keys() == other.keys() and all(own[k].shape == other[k].shape for k in own)
     assert rebuilt.spec() == model.spec()
-    if backbone == "resnet18" and box_head == "mlp":  # checkpoints from before the dense head, scale, flip, pool
-        old = {k: v for k, v in model.spec().items() if k not in ("box_head", "box_scale", "flip_tta", "region_pool")}
+    if backbone == "resnet18" and box_head == "mlp" and not zoom:
+        # Checkpoints from before the dense head, the scale, the flip, the pool and the zoom.
+        old = {k: v for k, v in model.spec().items()
+               if k not in ("box_head", "box_scale", "flip_tta", "region_pool", "zoom", "view_size")}
         assert BoxModel.from_spec(old).spec() == model.spec()
     size, classes = (16, 5) if backbone == "vit" else (32, 3)
     logits, boxes = model.eval()(torch.randn(2, 3, size, size))
@@ -267,3 +303,7 @@ def test_bad_head_settings_are_user_errors():
         tiny_box_vit(region_pool=True)
     with pytest.raises(VitkitError, match="not a positive factor"):
         tiny_box_vit(box_scale=0.0)
+    with pytest.raises(VitkitError, match="zoom margin 0.5 would crop the object"):
+        tiny_box_vit(zoom=0.5)
+    with pytest.raises(VitkitError, match="--zoom classifies a crop around the box, --region-pool"):
+        tiny_box_vit(box_head="dense", region_pool=True, zoom=1.2)

@@ -134,13 +134,14 @@ def test_box_scale_auto_is_fitted_on_validation_and_saved_with_the_model(small_s
                                  val_fraction=0.0), tmp_path / "run")
 
 
-@pytest.mark.parametrize("head", [{}, dict(box_head="dense", region_pool=True)])
+@pytest.mark.parametrize("head", [{}, dict(box_head="dense", region_pool=True), dict(box_head="dense", zoom=1.2)])
 def test_flip_tta_is_saved_with_the_model_and_used_for_the_scale_and_the_figures(small_squares, tmp_path, head):
     cfg = resume_config(small_squares, epochs=2, box_scale="auto", flip_tta=True, head_dropout=0.0, **head)
     summary = train_boxes(cfg, tmp_path, progress=False)
     model, info = load_box_model(tmp_path)
     assert model.flip_tta and info["box_model"]["flip_tta"]
-    assert model.region_pool == info["box_model"]["region_pool"] == bool(head)
+    assert model.region_pool == info["box_model"]["region_pool"] == head.get("region_pool", False)
+    assert model.zoom == info["box_model"]["zoom"] == head.get("zoom", 0.0)
     val = load_box_dataset(str(small_squares), "val", 32)
     # Written out with the single-view model: each image and its mirror, the mirror's box reflected back.
     model.flip_tta, model.box_scale = False, 1.0
@@ -153,6 +154,19 @@ def test_flip_tta_is_saved_with_the_model_and_used_for_the_scale_and_the_figures
     assert summary["val_accuracy"] == pytest.approx((logits.argmax(1) == val.labels).float().mean().item())
     scaled = scale_sizes(raw, summary["box_scale"])
     assert summary["val_iou_mean"] == pytest.approx(box_iou(scaled, val.boxes).mean().item(), abs=1e-5)
+
+
+def test_source_size_trains_on_larger_images_and_the_model_takes_them(small_squares, tmp_path):
+    cfg = resume_config(small_squares, epochs=1, image_size=16, source_size=32, zoom=1.2, box_head="dense",
+                        head_dropout=0.0)
+    summary = train_boxes(cfg, tmp_path, progress=False)
+    model, info = load_box_model(tmp_path)
+    assert info["image_size"] == 32 and summary["image_size"] == 16 and summary["source_size"] == 32
+    assert model.view_size == 16 and model.backbone.cfg.image_size == 16 and model.zoom == 1.2
+    val = load_box_dataset(str(small_squares), "val", 32)  # the checkpoint's images: 32 pixels
+    logits, boxes = predict_boxes(model, val, info["mean"], info["std"], torch.device("cpu"))
+    assert summary["val_accuracy"] == pytest.approx((logits.argmax(1) == val.labels).float().mean().item())
+    assert summary["val_iou_mean"] == pytest.approx(box_iou(boxes, val.boxes).mean().item(), abs=1e-5)
 
 
 def resume_config(data, **overrides) -> BoxTrainConfig:
@@ -367,6 +381,10 @@ def test_a_resnet18_backbone_trains_and_reloads(small_squares, tmp_path, box_hea
     (dict(cell_loss=1.0), "--cell-loss trains the dense head's cells"),
     (dict(region_pool=True), "--region-pool pools the features where the dense box head looks"),
     (dict(flip_tta=True), "--flip-tta averages each image with its mirror"),
+    (dict(zoom=0.9), "--zoom 0.9 would crop the object"),
+    (dict(source_size=448), "--source-size is where --zoom cuts its crops from"),
+    (dict(zoom=1.2, source_size=112), "--source-size is where --zoom cuts its crops from"),
+    (dict(box_head="dense", region_pool=True, zoom=1.2), "--zoom classifies a crop around the box, --region-pool"),
     (dict(label_smoothing=1.0), "--label-smoothing must lie in"),
     (dict(box_head="dense", cell_loss=-1.0), "--cell-loss must be 0"),
     (dict(loss_balance="-1"), "neither auto nor a positive number"),

@@ -74,6 +74,20 @@ def scale_sizes(boxes: Tensor, scale: Tensor | float) -> Tensor:
     return torch.cat([boxes[..., :2], boxes[..., 2:] * scale[..., None]], dim=-1)
 
 
+def square_crops(images: Tensor, boxes: Tensor, margin: float, size: int) -> Tensor:
+    """Per image (B, C, H, W), the square (in image fractions) of side `margin` × the longer side of its (cx, cy, w, h)
+    box (B, 4), centred on the box, resampled bilinearly to `size`×`size` (B, C, size, size); where the square leaves
+    the image, the crop is 0. One batched `grid_sample`, no loop over images."""
+    side = margin * boxes[:, 2:].amax(dim=1)
+    theta = torch.zeros(len(boxes), 2, 3, dtype=images.dtype, device=images.device)
+    # affine_grid maps the output's [-1, 1] square into the input's [-1, 1] coordinates: scale by the side (a
+    # fraction of the image spans twice that in [-1, 1] units, as the output's square does), shift to the centre.
+    theta[:, 0, 0] = theta[:, 1, 1] = side.to(images.dtype)
+    theta[:, :, 2] = (2 * boxes[:, :2] - 1).to(images.dtype)
+    grid = torch.nn.functional.affine_grid(theta, [len(images), images.shape[1], size, size], align_corners=False)
+    return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 def _pair_geometry(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Intersection, union and enclosing-box areas of paired (cx, cy, w, h) boxes (..., 4). A negative width
     or height (a regressor without sigmoid can output one) counts as 0."""

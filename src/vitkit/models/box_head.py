@@ -23,6 +23,16 @@ averaged with the dense head's cell weights, i.e. the features of where the head
 interest pooling, as two-stage detectors classify a box's pooled features). The weights are taken without their
 gradient, so the class loss does not move where the box head looks.
 
+`zoom` (a margin, e.g. 1.2) classifies a second look: the backbone runs again on a square crop around the
+predicted box, `zoom` times the box's longer side, resampled to the backbone's input size, and the classifier reads
+that pass's pooled feature instead of the whole image's (a two-stage detector's classification of its proposals,
+here with the backbone shared). The object then fills the input: a hand half the image wide is seen through about 4
+times as many patch tokens. The crop follows the box without its gradient (the class loss does not move the box),
+and the box before `box_scale`, so that training and evaluation crop alike. It doubles the cost of a step.
+`view_size` lets the crop hold detail the first pass never sees: the model takes images larger than the backbone's
+size (say 448 for a 224 backbone), the first pass sees them resized to `view_size`, and the crop is cut from the
+full image; a hand half of a 448-pixel image is then seen at its own resolution.
+
 `box_scale` multiplies the predicted widths and heights (about the boxes' centres) in eval mode: a correction for
 training boxes drawn looser than the ones the model is judged on (`vitkit train-boxes --box-scale auto` fits it on
 the validation images; see vitkit.train.boxes).
@@ -41,9 +51,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkit.data.boxes import scale_sizes, xyxy_to_cxcywh
+from vitkit.data.boxes import scale_sizes, square_crops, xyxy_to_cxcywh
 from vitkit.errors import VitkitError
 from vitkit.models.presets import preset_config
 from vitkit.models.pretrained import freeze_blocks, load_pretrained, read_state_dict
@@ -96,11 +107,12 @@ class DenseBoxRegressor(nn.Module):
 class BoxModel(nn.Module):
     """Returns (logits (B, classes), boxes (B, 4)) from a backbone's features of width `feature_dim`: the classes
     from the pooled feature (with `region_pool`, also from the grid pooled where the dense head looks), the box
-    from it too (`box_head="mlp"`, seed 001) or from the grid (`"dense"`)."""
+    from it too (`box_head="mlp"`, seed 001) or from the grid (`"dense"`); with `zoom`, the classes from a second pass
+    over a crop around the box."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, hidden: int = 512,
                  dropout: float = 0.2, sigmoid: bool = True, box_head: str = "mlp", box_scale: float = 1.0,
-                 flip_tta: bool = False, region_pool: bool = False):
+                 flip_tta: bool = False, region_pool: bool = False, zoom: float = 0.0, view_size: int | None = None):
         super().__init__()
         if num_classes < 1 or hidden < 1 or not 0 <= dropout < 1:
             raise VitkitError(f"box model needs classes ≥ 1, hidden ≥ 1 and dropout in [0, 1), got {num_classes}, "
@@ -115,6 +127,13 @@ class BoxModel(nn.Module):
         if region_pool and box_head != "dense":
             raise VitkitError("--region-pool pools the features where the dense box head looks: add --box-head "
                               "dense, or drop it")
+        if zoom and not 1 <= zoom < float("inf"):
+            raise VitkitError(f"zoom margin {zoom} would crop the object: pass a margin ≥ 1, e.g. 1.2, or 0 for none")
+        if view_size is not None and view_size < 1:
+            raise VitkitError(f"view size {view_size} is not positive: pass the backbone's image size, e.g. 224")
+        if zoom and region_pool:
+            raise VitkitError("--zoom classifies a crop around the box, --region-pool the whole image's cells where "
+                              "the box is: choose one")
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.num_classes = num_classes
@@ -125,6 +144,8 @@ class BoxModel(nn.Module):
         self.box_scale = float(box_scale)
         self.flip_tta = bool(flip_tta)
         self.region_pool = bool(region_pool)
+        self.zoom = float(zoom)
+        self.view_size = view_size
         self.classifier = _mlp(feature_dim * (2 if region_pool else 1), hidden, num_classes, dropout)
         # The mlp head's sigmoid has no weights: the same keys either way.
         self.regressor = _mlp(feature_dim, hidden, 4, dropout) if box_head == "mlp" else DenseBoxRegressor(
@@ -158,7 +179,10 @@ class BoxModel(nn.Module):
 
     def single_view(self, x: Tensor, cells: bool = False) -> tuple[Tensor, ...]:
         """`forward` on the images as given (no mirror averaging)."""
-        pooled, grid = self.features(x)
+        size = self.view_size or x.shape[-1]
+        view = x if x.shape[-2:] == (size, size) else F.interpolate(x, size=(size, size), mode="bilinear",
+                                                                     antialias=True, align_corners=False)
+        pooled, grid = self.features(view)
         # The heads run in float32 even under bf16 autocast: they cost nothing, and a box coordinate in bf16 is
         # only good to 1/256 (about a pixel at 224) — too coarse for IoU ≥ 0.9.
         with torch.autocast(pooled.device.type, enabled=False):
@@ -175,15 +199,21 @@ class BoxModel(nn.Module):
             else:
                 boxes = self.regressor(pooled)
                 boxes = boxes.sigmoid() if self.sigmoid else boxes
+        if self.zoom:
+            # The backbone's second pass runs under the caller's autocast, as the first did.
+            crops = square_crops(x, boxes.detach().to(x.dtype), self.zoom, size)
+            class_input = self.features(crops)[0]
+        with torch.autocast(pooled.device.type, enabled=False):
             if not self.training and self.box_scale != 1:
                 boxes = scale_sizes(boxes, self.box_scale)
-            return self.classifier(class_input), boxes, *cell_outputs
+            return self.classifier(class_input.float()), boxes, *cell_outputs
 
     def spec(self) -> dict[str, Any]:
         """The architecture as plain values (JSON), for checkpoints."""
         head = {"num_classes": self.num_classes, "hidden": self.hidden, "dropout": self.dropout,
                 "sigmoid": self.sigmoid, "box_head": self.box_head, "box_scale": self.box_scale,
-                "flip_tta": self.flip_tta, "region_pool": self.region_pool}
+                "flip_tta": self.flip_tta, "region_pool": self.region_pool, "zoom": self.zoom,
+                "view_size": self.view_size}
         if isinstance(self.backbone, VisionTransformer):
             return {"backbone": "vit", "vit": self.backbone.cfg.to_dict(), **head}
         return {
@@ -197,10 +227,11 @@ class BoxModel(nn.Module):
     def from_spec(cls, spec: dict[str, Any]) -> BoxModel:
         """A freshly initialised model of `spec` (as `spec()` writes it)."""
         head = {k: spec[k] for k in ("num_classes", "hidden", "dropout", "sigmoid")}
-        # Checkpoints from before the dense head, the box scale, the flip averaging and the region pooling lack
-        # their entries.
+        # Checkpoints from before the dense head, the box scale, the flip averaging, the region pooling and the zoom
+        # lack their entries (and took images at the backbone's size).
         head.update(box_head=spec.get("box_head", "mlp"), box_scale=spec.get("box_scale", 1.0),
-                    flip_tta=spec.get("flip_tta", False), region_pool=spec.get("region_pool", False))
+                    flip_tta=spec.get("flip_tta", False), region_pool=spec.get("region_pool", False),
+                    zoom=spec.get("zoom", 0.0), view_size=spec.get("view_size"))
         if spec["backbone"] == "vit":
             backbone = VisionTransformer(ViTConfig.from_dict(spec["vit"]))
             return cls(backbone, backbone.cfg.dim, **head)

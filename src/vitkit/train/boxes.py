@@ -21,6 +21,10 @@ With --hflip the model also learns mirrored images; --flip-tta then makes every 
 training, the box scale, test, the saved model's predictions) average each image's class scores and box with those
 of its mirror, at twice the cost of a prediction.
 
+`--zoom 1.2` classifies a second look of the backbone at a square crop around the predicted box (see
+vitkit.models.box_head); with `--source-size 448` the images are kept at 448 pixels, the first pass sees them at
+--image-size and the crop is cut from the 448-pixel image, and the checkpoint takes images of 448 pixels.
+
 A run folder holds config.json (the BoxTrainConfig, what `--resume` reads back), last.safetensors and
 best.safetensors (best by validation accuracy, then mean IoU, or the reverse; metadata task "boxes", the architecture, classes,
 normalisation, image size: a checkpoint loads on its own with `load_box_model`), state.pt (exact resume at epoch
@@ -107,6 +111,13 @@ class BoxTrainConfig:
                                    "averaged box (0: off)")
     region_pool: bool = option(False, "dense box head: the classifier also reads the patch tokens (cells) averaged "
                                       "with the box head's weights, the features of where it finds the object")
+    zoom: float = option(0.0, "classify a second pass of the backbone over a square crop around the predicted box, "
+                              "this many times its longer side (e.g. 1.2), resized to --image-size: the object "
+                              "seen larger, at twice the cost of a step (0: off)")
+    source_size: int | None = option(None, "with --zoom: load the images at this size (above --image-size, e.g. 448) "
+                                           "and cut the zoom's crops from them, so the second look sees detail the "
+                                           "first (the image resized to --image-size) does not; the model then "
+                                           "takes images of this size")
     sigmoid: bool = option(True, "mlp box head: sigmoid on its output, so boxes stay in [0, 1]")
     box_scale: str = option("1", "factor on predicted widths and heights at evaluation, or auto: the one that "
                                  "maximises the validation mean IoU, fitted after training (for training boxes "
@@ -175,6 +186,14 @@ class BoxTrainConfig:
              "--cell-loss trains the dense head's cells: add --box-head dense, or drop it"),
             (not self.region_pool or self.box_head == "dense",
              "--region-pool pools the features where the dense box head looks: add --box-head dense, or drop it"),
+            (self.zoom == 0 or self.zoom >= 1,
+             f"--zoom {self.zoom} would crop the object: pass a margin ≥ 1, e.g. 1.2, or 0 for none"),
+            (not (self.zoom and self.region_pool),
+             "--zoom classifies a crop around the box, --region-pool the whole image's cells where the box is: "
+             "choose one"),
+            (self.source_size is None or (self.zoom and self.source_size >= self.image_size),
+             f"--source-size is where --zoom cuts its crops from: add --zoom 1.2, with a size ≥ --image-size "
+             f"{self.image_size}, or drop it"),
             (self.box_loss in BOX_LOSSES, f"unknown box loss {self.box_loss!r}: use one of {', '.join(BOX_LOSSES)}"),
             (self.box_scale == "auto" or _positive_number(self.box_scale),
              f"--box-scale {self.box_scale!r} is neither auto nor a positive number: pass e.g. auto, 0.95 or 1"),
@@ -357,11 +376,12 @@ class BoxSplits:
 def prepare_box_data(cfg: BoxTrainConfig) -> BoxSplits:
     """Train, validation (the source's val/valid split, else --val-fraction of train) and test splits (where the
     source has one), and the normalisation."""
-    train = load_box_dataset(cfg.data, "train", cfg.image_size)
+    size = cfg.source_size or cfg.image_size
+    train = load_box_dataset(cfg.data, "train", size)
     splits = {}
     for split in ("val", "test"):
         try:
-            splits[split] = load_box_dataset(cfg.data, split, cfg.image_size)
+            splits[split] = load_box_dataset(cfg.data, split, size)
         except MissingSplit:
             splits[split] = None
     val = splits["val"]
@@ -388,7 +408,7 @@ def build_box_model(cfg: BoxTrainConfig, data: BoxDataset) -> BoxModel:
         backbone, dim = resnet18_backbone(cfg.pretrained, data.channels, cfg.cifar_stem), RESNET18_FEATURES
     scale = 1.0 if cfg.box_scale == "auto" else float(cfg.box_scale)  # auto: fitted after training
     return BoxModel(backbone, dim, data.num_classes, cfg.hidden, cfg.head_dropout, cfg.sigmoid, cfg.box_head, scale,
-                    cfg.flip_tta, cfg.region_pool)
+                    cfg.flip_tta, cfg.region_pool, cfg.zoom, cfg.image_size)
 
 
 def load_box_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[BoxModel, dict[str, Any]]:
@@ -491,7 +511,7 @@ class BoxTrainer:
             "classes": self.data.train.classes,
             "mean": list(self.data.mean),
             "std": list(self.data.std),
-            "image_size": self.cfg.image_size,
+            "image_size": self.cfg.source_size or self.cfg.image_size,  # the size of the images the model takes
             "data": self.cfg.data,
             "box_loss": self.cfg.box_loss,
             "loss_balance": self.balance,
@@ -632,6 +652,7 @@ class BoxTrainer:
             "parameters": num_parameters(model),
             "trainable_parameters": num_parameters(self.model, trainable_only=True),
             "image_size": cfg.image_size,
+            "source_size": cfg.source_size or cfg.image_size,
             "box_loss": cfg.box_loss,
             "loss_balance": self.balance,
             "device": str(self.device),
