@@ -26,12 +26,13 @@ gradient, so the class loss does not move where the box head looks.
 `zoom` (a margin, e.g. 1.2) classifies a second look: the backbone runs again on a square crop around the
 predicted box, `zoom` times the box's longer side, resampled to the backbone's input size, and the classifier reads
 that pass's pooled feature instead of the whole image's (a two-stage detector's classification of its proposals,
-here with the backbone shared). The object then fills the input: a hand half the image wide is seen through about 4
-times as many patch tokens. The crop follows the box without its gradient (the class loss does not move the box),
-and the box before `box_scale`, so that training and evaluation crop alike. It doubles the cost of a step.
+here with the backbone shared). The object then fills the input: with a margin of 1.2, a hand half the image wide
+is seen through about 2.8 times as many patch tokens. The crop follows the box without its gradient (the class loss
+does not move the box), and the box before `box_scale`, so that training and evaluation crop alike. It doubles the
+cost of a step.
 `view_size` lets the crop hold detail the first pass never sees: the model takes images larger than the backbone's
 size (say 448 for a 224 backbone), the first pass sees them resized to `view_size`, and the crop is cut from the
-full image; a hand half of a 448-pixel image is then seen at its own resolution.
+full image; a hand half of a 448-pixel image is then seen at about its own resolution.
 
 `box_scale` multiplies the predicted widths and heights (about the boxes' centres) in eval mode: a correction for
 training boxes drawn looser than the ones the model is judged on (`vitkit train-boxes --box-scale auto` fits it on
