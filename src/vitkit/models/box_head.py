@@ -202,7 +202,7 @@ class BoxModel(nn.Module):
                 boxes = boxes.sigmoid() if self.sigmoid else boxes
         if self.zoom:
             # The backbone's second pass runs under the caller's autocast, as the first did.
-            crops = square_crops(x, boxes.detach().to(x.dtype), self.zoom, size)
+            crops = square_crops(x, boxes.detach(), self.zoom, size)
             class_input = self.features(crops)[0]
         with torch.autocast(pooled.device.type, enabled=False):
             if not self.training and self.box_scale != 1:
