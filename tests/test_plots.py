@@ -9,6 +9,7 @@ from vitkit.errors import VitkitError
 from vitkit.plots import (
     confusion_matrix,
     plot_adversarial_examples,
+    plot_box_predictions,
     plot_certified_accuracy,
     plot_confusion_matrix,
     plot_learning_curves,
@@ -117,3 +118,25 @@ def test_adversarial_examples(tmp_path, channels):
     titles = [("cat (90%)", "perturbation", "dog (60%)")] * 2
     plot_adversarial_examples(clean, adversarial, titles, [True, False], tmp_path / "examples.png")
     assert_png(tmp_path / "examples.png")
+
+
+def count_colour(path, rgb, tolerance=40):
+    with Image.open(path) as img:
+        pixels = np.asarray(img.convert("RGB"), dtype=int)
+    return int((np.abs(pixels - np.array(rgb)).max(axis=-1) < tolerance).sum())
+
+
+def test_box_predictions_draw_the_true_box_only_where_it_is_known(tmp_path):
+    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)  # black: only the boxes and titles are coloured
+    pred = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.3, 0.6, 0.4, 0.2]])
+    true = torch.tensor([[0.4, 0.5, 0.3, 0.6], [0.6, 0.4, 0.2, 0.4]])
+    sky_blue, orange = (0, 191, 255), (255, 165, 0)
+    plot_box_predictions(images, true, pred, [0, 1], [0, 2], CLASSES, tmp_path / "known" / "boxes.png", ious=[0.5, 0.1])
+    plot_box_predictions(images, None, pred, None, [0, 2], CLASSES, tmp_path / "new" / "boxes.png", probs=[0.9, 0.6])
+    assert_png(tmp_path / "known" / "boxes.png")
+    assert_png(tmp_path / "new" / "boxes.png")
+    assert count_colour(tmp_path / "known" / "boxes.png", sky_blue) > 50
+    assert count_colour(tmp_path / "new" / "boxes.png", sky_blue) == 0
+    assert count_colour(tmp_path / "new" / "boxes.png", orange) > 50
+    with pytest.raises(VitkitError, match="neither"):
+        plot_box_predictions(images, true, pred, None, [0, 2], CLASSES, tmp_path / "bad.png")

@@ -172,17 +172,20 @@ def plot_prediction_grid(
 
 def plot_box_predictions(
     images: Tensor,
-    true_boxes: Tensor,
+    true_boxes: Tensor | None,
     pred_boxes: Tensor,
-    true: Sequence[int],
+    true: Sequence[int] | None,
     pred: Sequence[int],
     classes: list[str],
     path: str | os.PathLike,
     ious: Sequence[float] | None = None,
+    probs: Sequence[float] | None = None,
     ncols: int = 8,
 ) -> None:
     """Images in a grid with the true box (blue) and the predicted box (orange) drawn on each, titled
-    "pred / true" (and the IoU), green when the class is right and red when it is wrong.
+    "pred / true" (and the IoU), green when the class is right and red when it is wrong. Without the truth
+    (`true_boxes` and `true` None: images to predict), the predicted box alone, titled with its class (and its
+    probability from `probs`).
 
     images: (N, C, H, W), uint8 or float in [0, 1], C = 1 or 3; boxes: (N, 4) (cx, cy, w, h) in [0, 1].
     """
@@ -191,23 +194,33 @@ def plot_box_predictions(
     pixels = _pixels(images)
     pixels = np.repeat(pixels, 3 // pixels.shape[-1], axis=-1)  # grey images shown in colour, under coloured boxes
     n, H, W = pixels.shape[:3]
-    if len(true_boxes) != n or len(pred_boxes) != n or len(true) != n or len(pred) != n:
-        raise VitkitError(f"{n} images need as many true and predicted boxes and labels")
+    if (true_boxes is None) != (true is None):
+        raise VitkitError("pass both the true boxes and the true labels, or neither")
+    if len(pred_boxes) != n or len(pred) != n or (true is not None and (len(true_boxes) != n or len(true) != n)):
+        raise VitkitError(f"{n} images need as many predicted boxes and labels (and true ones, where given)")
     fig, axes = _grid(n, ncols, (1.8, 2.0))
-    fig.suptitle("true box: blue, predicted box: orange; title: predicted / true class", fontsize=9)
+    known = true is not None
+    fig.suptitle("true box: blue, predicted box: orange; title: predicted / true class" if known else
+                 "predicted box and class", fontsize=9)
     for i, ax in enumerate(axes):
         ax.axis("off")
         if i >= n:
             continue
         ax.imshow(pixels[i], interpolation="nearest")
-        for box, colour in ((true_boxes[i], TRUE_BOX), (pred_boxes[i], PREDICTED_BOX)):
+        drawn = ((true_boxes[i], TRUE_BOX),) if known else ()
+        for box, colour in (*drawn, (pred_boxes[i], PREDICTED_BOX)):
             cx, cy, w, h = (float(v) for v in box)
             # Pixel edges are at -0.5 and W - 0.5 in imshow's coordinates.
             ax.add_patch(Rectangle(((cx - w / 2) * W - 0.5, (cy - h / 2) * H - 0.5), w * W, h * H,
                                    fill=False, edgecolor=colour, linewidth=1.5))
-        t, p = int(true[i]), int(pred[i])
+        p = int(pred[i])
+        confidence = f" ({100 * float(probs[i]):.0f}%)" if probs is not None else ""
+        if not known:
+            ax.set_title(f"{classes[p]}{confidence}", fontsize=8)
+            continue
+        t = int(true[i])
         iou = f" IoU {float(ious[i]):.2f}" if ious is not None else ""
-        ax.set_title(f"{classes[p]} / {classes[t]}{iou}", fontsize=8, color=RIGHT if p == t else WRONG)
+        ax.set_title(f"{classes[p]}{confidence} / {classes[t]}{iou}", fontsize=8, color=RIGHT if p == t else WRONG)
     _save(fig, path)
 
 

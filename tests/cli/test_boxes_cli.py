@@ -1,12 +1,15 @@
-"""`vitkit train-boxes` and `vitkit eval` on a box checkpoint, as a user meets them."""
+"""`vitkit train-boxes`, and `vitkit eval` and `vitkit predict` on a box checkpoint, as a user meets them."""
 
 import json
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 from synthetic_boxes import write_yolo
 
 from vitkit.cli.main import main
+from vitkit.train.boxes import load_box_model
 
 TINY = ["--image-size", "32", "--patch-size", "4", "--dim", "32", "--depth", "2", "--heads", "2", "--mlp-dim", "64",
         "--hidden", "32", "--batch-size", "32", "--device", "cpu", "--quiet"]
@@ -47,6 +50,39 @@ def test_eval_of_a_box_checkpoint_writes_figures_and_the_box_picture(box_run, tm
     assert summary["images"] == 32 and 0 <= summary["test_iou50"] <= 1
     assert summary["test_accuracy"] == json.loads((out / "summary.json").read_text())["test_accuracy"]
     assert Image.open(tmp_path / "boxes.png").size[0] > 100
+
+
+def test_predict_on_a_box_checkpoint_gives_classes_and_boxes_in_the_files_pixels(box_run, tmp_path, capsys):
+    data, out = box_run
+    files = sorted((data / "test" / "images").glob("*.png"))[:4]
+    # One file at another size and shape: the model sees it stretched to its square input.
+    with Image.open(files[0]) as img:
+        img.resize((64, 48), Image.Resampling.NEAREST).save(tmp_path / "wide.png")
+    paths = [*files, tmp_path / "wide.png"]
+    assert main(["predict", str(out), *map(str, paths), "--top-k", "2", "--device", "cpu", "--out",
+                 str(tmp_path / "pred")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    results = json.loads((tmp_path / "pred" / "summary.json").read_text())["predictions"]
+    assert len(results) == len(printed) == 5 and all("box x1, y1, x2, y2" in line for line in printed)
+    assert Image.open(tmp_path / "pred" / "boxes.png").size[0] > 100
+
+    # The 32-px files as the model takes them, written out plainly: normalised, one forward in eval mode.
+    model, info = load_box_model(out)
+    x = torch.tensor(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])).permute(0, 3, 1, 2)
+    mean, std = torch.tensor(info["mean"])[:, None, None], torch.tensor(info["std"])[:, None, None]
+    with torch.no_grad():
+        logits, boxes = model((x.float() / 255 - mean) / std)
+    probs = logits.softmax(1)
+    for i, r in enumerate(results[:4]):
+        assert r["top"][0]["class"] == info["classes"][int(probs[i].argmax())]
+        assert r["top"][0]["probability"] == pytest.approx(float(probs[i].max()), abs=1e-5)
+        assert r["top"][0]["probability"] >= r["top"][1]["probability"]
+        assert r["box_cxcywh"] == pytest.approx(boxes[i].tolist(), abs=1e-5)
+    for r, size in zip(results, [(32, 32)] * 4 + [(64, 48)]):
+        (cx, cy, w, h), (width, height) = r["box_cxcywh"], size
+        assert r["image_size"] == list(size)
+        assert r["box_xyxy_pixels"] == pytest.approx(
+            [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height], abs=1e-3)
 
 
 def test_resume_of_a_finished_box_run_keeps_its_weights(box_run):

@@ -302,13 +302,55 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict_boxes(args: argparse.Namespace) -> int:
+    """`vitkit predict` on a box checkpoint: each image's top-k classes and its box, in pixels of the file as given;
+    with --out, the boxes drawn on the images the model saw (boxes.png)."""
+    import torch
+    from PIL import Image
+
+    from vitkit.data import load_images
+    from vitkit.data.boxes import BoxDataset, cxcywh_to_xyxy
+    from vitkit.plots import plot_box_predictions
+    from vitkit.train import select_device
+    from vitkit.train.boxes import load_box_model, predict_boxes
+    from vitkit.train.checkpoint import write_json
+
+    device = select_device(args.device)
+    model, info = load_box_model(args.checkpoint, device)
+    images = load_images(args.images, info["image_size"], info["in_channels"])
+    # The images are stretched to the model's square input, so a box's fractions hold for the file's own size.
+    unknown = BoxDataset(images, torch.zeros(len(images), dtype=torch.long), info["classes"], "predict",
+                         torch.zeros(len(images), 4))
+    logits, boxes = predict_boxes(model, unknown, info["mean"], info["std"], device)
+    probs = logits.softmax(1)
+    top_p, top_i = probs.topk(min(args.top_k, probs.shape[1]), dim=1)
+    results = []
+    for path, ps, idx, box in zip(args.images, top_p.tolist(), top_i.tolist(), boxes):
+        with Image.open(path) as img:
+            width, height = img.size
+        corners = (cxcywh_to_xyxy(box) * torch.tensor([width, height, width, height])).tolist()
+        ranked = [{"class": info["classes"][i], "probability": p} for p, i in zip(ps, idx)]
+        results.append({"image": str(path), "top": ranked, "box_cxcywh": box.tolist(), "box_xyxy_pixels": corners,
+                        "image_size": [width, height]})
+        print(f"{path}: " + ", ".join(f"{r['class']} {r['probability']:.1%}" for r in ranked)
+              + "; box x1, y1, x2, y2 = " + ", ".join(f"{c:.0f}" for c in corners) + " px")
+    if args.out:
+        out = Path(args.out)
+        plot_box_predictions(images, None, boxes, None, top_i[:, 0].tolist(), info["classes"], out / "boxes.png",
+                             probs=top_p[:, 0].tolist())
+        write_json(out / "summary.json", {"checkpoint": str(args.checkpoint), "predictions": results})
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
     from vitkit.data import load_images
-    from vitkit.train import load_model, select_device
+    from vitkit.train import load_model, read_info, select_device
     from vitkit.train.checkpoint import write_json
 
+    if read_info(args.checkpoint).get("task") == "boxes":
+        return cmd_predict_boxes(args)
     device = select_device(args.device)
     model, info = load_model(args.checkpoint, device)
     images = load_images(args.images, info["model"]["image_size"], info["model"]["in_channels"])
@@ -797,12 +839,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="output folder (default: beside the checkpoint)")
 
-    p = command("predict", cmd_predict, "top-k classes with probabilities for image files")
+    p = command("predict", cmd_predict, "top-k classes with probabilities for image files (box checkpoints: and "
+                                        "each image's box)")
     p.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--top-k", type=positive_int, default=5)
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="also write the predictions to OUT/summary.json")
+    p.add_argument("--out", help="also write the predictions to OUT/summary.json (box checkpoints: and the boxes "
+                                 "drawn, OUT/boxes.png)")
 
     p = command("info", cmd_info, "parameters, MACs, tokens and activation memory of a preset or checkpoint")
     p.add_argument("target", nargs="?", help="a preset name or a checkpoint (none: list the presets)")
