@@ -15,16 +15,24 @@ validation IoU.
 
     PYTHONPATH=src python bench/asl_boxes.py --name mse-112 --device cpu
     ... --name smooth-l1-224 --set image_size=224 --set box_loss=smooth_l1 --set epochs=30
+    ... --name zoom-224 --set image_size=224 --set zoom=1.2 --seeds 0 1 2 3 --jobs 4   # seeds side by side on a GPU
+
+With --seeds, the variant is trained once per seed (entries NAME-seedN), in child processes --jobs at a time, and
+`seed_means` in the JSON gets NAME's mean and standard deviation over the seeds. A run folder left unfinished (a
+call stopped by a time limit) is resumed when the same command runs again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, device_and_sync, environment, parse_sets, save_report, stored_config_equals
+from common import RESULTS, device_and_sync, environment, parse_sets, run_children, save_report, stored_config_equals
 from vitkit.train.boxes import BoxTrainConfig, evaluate_box_model, load_box_model, prepare_box_data, train_boxes
 
 BASE = dict(
@@ -38,24 +46,21 @@ KEPT = ("best_epoch", "train_seconds_this_session", "train_images_per_second", "
         "val_cross_fitted_iou50", "val_cross_fitted_iou75", "val_cross_fitted_iou90")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--name", required=True, help="the variant's name: its run folder and its key in the JSON")
-    parser.add_argument("--data", default="../shared/datasets/asl-letters.tar.gz")
-    parser.add_argument("--pretrained", default="../shared/weights/deit_tiny_patch16_224.safetensors")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base option")
-    parser.add_argument("--runs", type=Path, default=Path("runs/asl-boxes"), help="run folders")
-    parser.add_argument("--out", type=Path, help="JSON (default bench/results/asl-boxes-<device>.json)")
-    args = parser.parse_args()
+AVERAGED = ("val_accuracy", "val_iou_mean", "val_iou90", "val_cross_fitted_iou_mean", "val_cross_fitted_iou90",
+            "test_accuracy", "test_iou_mean", "test_iou90")
 
-    device, _ = device_and_sync(args.device)
+
+def score_variant(args: argparse.Namespace, device, name: str) -> dict:
+    """Train (or resume, or take the finished run of) the variant into RUNS/name and score it: its JSON entry."""
     overrides = parse_sets(args.set)
     cfg = BoxTrainConfig(**{**BASE, "data": args.data, "pretrained": args.pretrained, "device": str(device),
                             **overrides})
-    run = args.runs / args.name
+    run = args.runs / name
     reused = (run / "summary.json").is_file() and stored_config_equals(run, cfg)
-    summary = json.loads((run / "summary.json").read_text()) if reused else train_boxes(cfg, run, progress=False)
+    if reused:
+        summary = json.loads((run / "summary.json").read_text())
+    else:
+        summary = train_boxes(cfg, run, resume=(run / "state.pt").is_file(), progress=False)
 
     start = time.perf_counter()
     model, info = load_box_model(run, device)
@@ -78,14 +83,11 @@ def main() -> None:
     if model.flip_tta:
         model.flip_tta = False
         single_view = score_val_and_test("without_flip_tta", with_accuracy=True)
-    print(f"{args.name}: val accuracy {summary.get('val_accuracy', float('nan')):.4f}, IoU ≥ 0.5/0.75/0.9 "
+    print(f"{name}: val accuracy {summary.get('val_accuracy', float('nan')):.4f}, IoU ≥ 0.5/0.75/0.9 "
           f"{summary.get('val_iou50', float('nan')):.3f} / {summary.get('val_iou75', float('nan')):.3f} / "
           f"{summary.get('val_iou90', float('nan')):.3f}; training images (unaugmented) mean IoU "
           f"{fit['train_iou_mean']:.3f} ({time.perf_counter() - start:.0f} s to score them)")
-
-    out = args.out or RESULTS / f"asl-boxes-{device.type}.json"
-    report = json.loads(out.read_text()) if out.is_file() else {"base": BASE, "variants": {}}
-    report["variants"][args.name] = {
+    return {
         **environment(device),
         "overrides": overrides,
         "from_existing_run": reused,
@@ -95,6 +97,56 @@ def main() -> None:
         **single_view,
         "config": cfg.to_dict(),
     }
+
+
+def score_seeds(args: argparse.Namespace) -> dict[str, dict]:
+    """The entries of NAME-seedN for each seed, each trained and scored by a child process of this script."""
+    names = [f"{args.name}-seed{seed}" for seed in args.seeds]
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [Path(tmp) / f"{name}.json" for name in names]
+        run_children([
+            [sys.executable, __file__, "--name", name, "--data", args.data, "--pretrained", args.pretrained,
+             "--device", args.device, "--runs", str(args.runs), "--out", str(out),
+             *sum((["--set", s] for s in args.set), []), "--set", f"seed={seed}"]
+            for name, seed, out in zip(names, args.seeds, outs)
+        ], jobs=args.jobs)
+        return {name: json.loads(out.read_text())["variants"][name] for name, out in zip(names, outs)}
+
+
+def seed_means(entries: dict[str, dict]) -> dict:
+    """Mean and standard deviation over the seeds' entries of each figure they all have."""
+    figures = {"runs": list(entries)}
+    for key in AVERAGED:
+        values = [e[key] for e in entries.values() if key in e]
+        if len(values) == len(entries):
+            figures[f"{key}_mean"] = statistics.mean(values)
+            figures[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", required=True, help="the variant's name: its run folder and its key in the JSON")
+    parser.add_argument("--data", default="../shared/datasets/asl-letters.tar.gz")
+    parser.add_argument("--pretrained", default="../shared/weights/deit_tiny_patch16_224.safetensors")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base option")
+    parser.add_argument("--seeds", type=int, nargs="+", help="train the variant once per seed, as NAME-seedN, and "
+                                                              "record the mean over the seeds")
+    parser.add_argument("--jobs", type=int, default=1, help="with --seeds: runs side by side on the device")
+    parser.add_argument("--runs", type=Path, default=Path("runs/asl-boxes"), help="run folders")
+    parser.add_argument("--out", type=Path, help="JSON (default bench/results/asl-boxes-<device>.json)")
+    args = parser.parse_args()
+
+    device, _ = device_and_sync(args.device)
+    entries = score_seeds(args) if args.seeds else {args.name: score_variant(args, device, args.name)}
+    out = args.out or RESULTS / f"asl-boxes-{device.type}.json"
+    report = json.loads(out.read_text()) if out.is_file() else {"base": BASE, "variants": {}}
+    report["variants"].update(entries)
+    if args.seeds:
+        means = report.setdefault("seed_means", {})[args.name] = seed_means(entries)
+        print(f"{args.name}, {len(entries)} seeds: " + ", ".join(
+            f"{k[:-5]} {means[k]:.4f} ± {means[k[:-5] + '_std']:.4f}" for k in means if k.endswith("_mean")))
     save_report(report, out)
 
 

@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, device_and_sync, environment, parse_sets, save_report
+from common import RESULTS, device_and_sync, environment, parse_sets, run_children, save_report
 from vitkit.train import build_config
 from vitkit.train.evaluate import classification_metrics, predict_dataset
 from vitkit.train.trainer import Trainer
@@ -71,17 +70,14 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
 def run_concurrently(args: argparse.Namespace) -> list[dict]:
     """One child process per seed, all at once; each writes its run to a temporary JSON file."""
     with tempfile.TemporaryDirectory() as tmp:
-        children = []
-        for seed in args.seeds:
-            out = Path(tmp) / f"seed{seed}.json"
-            command = [sys.executable, __file__, "--recipe", args.recipe, "--data", args.data, "--device", args.device,
-                       "--runs", str(args.runs), "--seeds", str(seed), "--child-out", str(out),
-                       "--targets", *map(str, args.targets), *sum((["--set", s] for s in args.set), [])]
-            children.append((subprocess.Popen(command), out))
-        failed = [p.args for p, _ in children if p.wait() != 0]
-        if failed:
-            raise SystemExit(f"{len(failed)} seed run(s) failed")
-        return [json.loads(out.read_text())[0] for _, out in children]
+        outs = [Path(tmp) / f"seed{seed}.json" for seed in args.seeds]
+        run_children([
+            [sys.executable, __file__, "--recipe", args.recipe, "--data", args.data, "--device", args.device,
+             "--runs", str(args.runs), "--seeds", str(seed), "--child-out", str(out),
+             "--targets", *map(str, args.targets), *sum((["--set", s] for s in args.set), [])]
+            for seed, out in zip(args.seeds, outs)
+        ], jobs=len(args.seeds))
+        return [json.loads(out.read_text())[0] for out in outs]
 
 
 def main() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import time
 from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -117,3 +119,19 @@ def parse_sets(items: list[str]) -> dict:
             raise SystemExit(f"--set {item!r} is not KEY=VALUE")
         values[key.replace("-", "_")] = parse_value(value)
     return values
+
+
+def run_children(commands: list[list[str]], jobs: int) -> None:
+    """Run the commands as child processes, at most `jobs` at a time (runs side by side on one device); exit
+    naming the ones that failed."""
+    waiting, running, failed = list(commands), [], []
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            running.append(subprocess.Popen(waiting.pop(0)))
+        time.sleep(1)
+        for child in [c for c in running if c.poll() is not None]:
+            running.remove(child)
+            if child.returncode != 0:
+                failed.append(" ".join(child.args))
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed: " + "; ".join(failed))
