@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from synthetic_boxes import write_yolo
+from synthetic_boxes import COLOURS, write_yolo
 
 from vitkit.cli.main import main
 from vitkit.train.boxes import load_box_model
@@ -44,12 +44,19 @@ def test_train_boxes_merges_config_file_and_flags(box_run):
 
 
 def test_eval_of_a_box_checkpoint_writes_figures_and_the_box_picture(box_run, tmp_path):
-    _, out = box_run
+    data, out = box_run
     assert main(["eval", str(out), "--device", "cpu", "--samples", "8", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["images"] == 32 and 0 <= summary["test_iou50"] <= 1
     assert summary["test_accuracy"] == json.loads((out / "summary.json").read_text())["test_accuracy"]
     assert Image.open(tmp_path / "boxes.png").size[0] > 100
+    assert Image.open(tmp_path / "confusion.png").size[0] > 100
+    # Per class: the accuracies, weighted by the classes' image counts, add up to the overall accuracy.
+    counts = dict.fromkeys(COLOURS, 0)
+    for label_file in (data / "test" / "labels").glob("*.txt"):
+        counts[list(COLOURS)[int(label_file.read_text().split()[0])]] += 1
+    weighted = sum(summary[f"test_accuracy_{name}"] * n for name, n in counts.items() if n) / sum(counts.values())
+    assert weighted == pytest.approx(summary["test_accuracy"], abs=1e-6)
 
 
 def test_predict_on_a_box_checkpoint_gives_classes_and_boxes_in_the_files_pixels(box_run, tmp_path, capsys):

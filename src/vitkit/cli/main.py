@@ -215,7 +215,8 @@ def run_training(args: argparse.Namespace, train, cfg, resumed: Path | None, def
 
 
 def cmd_eval_boxes(args: argparse.Namespace) -> int:
-    """`vitkit eval` on a box checkpoint: accuracy, IoU figures and a picture of true and predicted boxes."""
+    """`vitkit eval` on a box checkpoint: accuracy (also per class), IoU figures, the confusion matrix and a picture of
+    true and predicted boxes."""
     from vitkit import distributed
     from vitkit.data.boxes import load_box_dataset
     from vitkit.train import select_device
@@ -228,13 +229,13 @@ def cmd_eval_boxes(args: argparse.Namespace) -> int:
     data = load_box_dataset(source, args.split, info["image_size"])
     out = Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + f"-eval-{args.split}")
     metrics = evaluate_box_model(model, info, data, args.split, device, args.batch_size, picture=out / "boxes.png",
-                                 samples=args.samples)
+                                 samples=args.samples, per_class=True)
     if not distributed.is_main():  # rank 0 has every image's prediction and writes the report
         return 0
     summary = {"checkpoint": str(args.checkpoint), "data": source, "split": args.split, "images": len(data),
                **metrics, "iou_measured_on": IOU_NOTE}
     write_json(out / "summary.json", summary)
-    print_summary(summary, out)
+    print_summary({k: v for k, v in summary.items() if "accuracy_" not in k}, out)
     return 0
 
 

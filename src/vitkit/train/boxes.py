@@ -28,7 +28,7 @@ vitkit.models.box_head); with `--source-size 448` the images are kept at 448 pix
 A run folder holds config.json (the BoxTrainConfig, what `--resume` reads back), last.safetensors and
 best.safetensors (best by validation accuracy, then mean IoU, or the reverse; metadata task "boxes", the architecture, classes,
 normalisation, image size: a checkpoint loads on its own with `load_box_model`), state.pt (exact resume at epoch
-boundaries), history.jsonl, curves.png, boxes.png (test predictions) and summary.json. With --ema the checkpoints, and
+boundaries), history.jsonl, curves.png, boxes.png and confusion.png (test predictions) and summary.json. With --ema the checkpoints, and
 the validation and test figures, are those of the exponential moving average of the weights (the train_* figures
 are the live weights'); state.pt keeps both. train_loss is the objective trained on (the smoothed CE with
 --label-smoothing, plus the --cell-loss term, logged on its own as train_cell_loss); val_loss is CE / C + box loss with
@@ -59,13 +59,13 @@ from vitkit.data.datasets import channel_stats, train_val_split
 from vitkit.errors import VitkitError
 from vitkit.models.box_head import BACKBONES, BOX_HEADS, RESNET18_FEATURES, BoxModel, resnet18_backbone, vit_backbone
 from vitkit.models.vit import num_parameters
-from vitkit.plots import plot_box_predictions, plot_learning_curves
+from vitkit.plots import confusion_matrix, plot_box_predictions, plot_confusion_matrix, plot_learning_curves
 from vitkit.train.config import option, shared_checks
 from vitkit.train.checkpoint import (
     load_state, load_weights, read_info, resolve_checkpoint, restore_rng_state, rng_state, save_model, save_run,
     write_json,
 )
-from vitkit.train.evaluate import autocast
+from vitkit.train.evaluate import autocast, classification_metrics
 from vitkit.train.optim import EMA, build_optimizer, build_scheduler
 from vitkit.train.trainer import select_device
 
@@ -423,22 +423,28 @@ def load_box_model(path: str | Path, device: str | torch.device = "cpu") -> tupl
 
 
 def evaluate_box_model(model: BoxModel, info: dict[str, Any], data: BoxDataset, split: str, device: torch.device,
-                       batch_size: int = 256, bf16: bool = False, picture: Path | None = None, samples: int = 32
-                       ) -> dict[str, float]:
-    """The figures of `split` (prefixed), and with `picture` a grid of `samples` images spread over the split,
-    true and predicted boxes drawn (by rank 0). Under torchrun every rank must call it."""
+                       batch_size: int = 256, bf16: bool = False, picture: Path | None = None, samples: int = 32,
+                       per_class: bool = False) -> dict[str, float]:
+    """The figures of `split` (prefixed), with `per_class` also each class's accuracy (accuracy_NAME); with
+    `picture`, a grid of `samples` images spread over the split, true and predicted boxes drawn, and the confusion
+    matrix beside it (confusion.png), by rank 0. Under torchrun every rank must call it."""
     if data.classes != info["classes"]:
         raise VitkitError(f"the data's classes {data.classes[:5]}... differ from the checkpoint's "
                           f"{info['classes'][:5]}...: use the data set the model was trained on")
     logits, pred = predict_boxes(model, data, info["mean"], info["std"], device, batch_size, bf16)
-    metrics = box_metrics(logits, pred, data.labels, data.boxes, info["loss_balance"], info["box_loss"],
-                          f"{split}_" if split else "")
+    prefix = f"{split}_" if split else ""
+    metrics = box_metrics(logits, pred, data.labels, data.boxes, info["loss_balance"], info["box_loss"], prefix)
+    if per_class:
+        metrics.update({k: v for k, v in classification_metrics(logits, data.labels, data.classes, prefix).items()
+                        if k.startswith(f"{prefix}accuracy_")})
     if picture is not None and samples > 0 and distributed.is_main():
         shown = torch.linspace(0, len(data) - 1, min(samples, len(data))).round().long().unique()
         plot_box_predictions(
             data.images[shown], data.boxes[shown], pred[shown], data.labels[shown].tolist(),
             logits[shown].argmax(1).tolist(), data.classes, picture, ious=box_iou(pred[shown], data.boxes[shown]).tolist(),
         )
+        plot_confusion_matrix(confusion_matrix(data.labels, logits.argmax(1), data.num_classes), data.classes,
+                              Path(picture).parent / "confusion.png")
     return metrics
 
 
@@ -641,7 +647,7 @@ class BoxTrainer:
 
     def finish(self, seconds: float) -> dict[str, Any]:
         """Fits --box-scale auto, evaluates the best checkpoint on the validation and test data and writes
-        summary.json and boxes.png."""
+        summary.json, boxes.png and confusion.png."""
         model, info = load_box_model(self.out / "best.safetensors", self.device)
         cfg = self.cfg
         summary: dict[str, Any] = {
