@@ -56,7 +56,9 @@ def score_variant(args: argparse.Namespace, device, name: str) -> dict:
     cfg = BoxTrainConfig(**{**BASE, "data": args.data, "pretrained": args.pretrained, "device": str(device),
                             **overrides})
     run = args.runs / name
-    reused = (run / "summary.json").is_file() and stored_config_equals(run, cfg)
+    if (run / "config.json").is_file() and not stored_config_equals(run, cfg):
+        raise SystemExit(f"{run} holds a run of another configuration: pass another --name or --runs")
+    reused = (run / "summary.json").is_file()
     if reused:
         summary = json.loads((run / "summary.json").read_text())
     else:
@@ -72,6 +74,8 @@ def score_variant(args: argparse.Namespace, device, name: str) -> dict:
         """The model's validation and test IoU figures (and accuracy if asked), each key ending in _suffix."""
         figures = {}
         for split, part in (("val", data.val), ("test", data.test)):
+            if part is None:
+                continue
             scored = evaluate_box_model(model, info, part, split, device, cfg.eval_batch_size, cfg.bf16)
             figures.update({f"{k}_{suffix}": v for k, v in scored.items()
                             if "iou" in k or (with_accuracy and k.endswith("accuracy"))})
@@ -138,6 +142,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="JSON (default bench/results/asl-boxes-<device>.json)")
     args = parser.parse_args()
 
+    if args.seeds and len(set(args.seeds)) < len(args.seeds):
+        raise SystemExit(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed: each seed trains one run folder")
     device, _ = device_and_sync(args.device)
     entries = score_seeds(args) if args.seeds else {args.name: score_variant(args, device, args.name)}
     out = args.out or RESULTS / f"asl-boxes-{device.type}.json"

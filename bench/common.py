@@ -123,15 +123,23 @@ def parse_sets(items: list[str]) -> dict:
 
 def run_children(commands: list[list[str]], jobs: int) -> None:
     """Run the commands as child processes, at most `jobs` at a time (runs side by side on one device); exit
-    naming the ones that failed."""
+    naming the ones that failed. If this process stops first (an error, Ctrl-C), the children still running stop
+    too."""
+    if jobs < 1:
+        raise SystemExit(f"--jobs {jobs}: pass at least 1")
     waiting, running, failed = list(commands), [], []
-    while waiting or running:
-        while waiting and len(running) < jobs:
-            running.append(subprocess.Popen(waiting.pop(0)))
-        time.sleep(1)
-        for child in [c for c in running if c.poll() is not None]:
-            running.remove(child)
-            if child.returncode != 0:
-                failed.append(" ".join(child.args))
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                running.append(subprocess.Popen(waiting.pop(0)))
+            time.sleep(1)
+            for child in [c for c in running if c.poll() is not None]:
+                running.remove(child)
+                if child.returncode != 0:
+                    failed.append(" ".join(child.args))
+    finally:
+        for child in running:
+            child.terminate()
+            child.wait()
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed: " + "; ".join(failed))

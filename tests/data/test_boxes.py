@@ -151,6 +151,8 @@ def test_yolo_folder_and_archive_read_the_same_boxes(tmp_path):
         assert torch.equal(ds.labels, torch.from_numpy(labels))
         assert torch.allclose(ds.boxes, torch.from_numpy(boxes), atol=1e-6)
         assert len(load_box_dataset(str(source), "val")) == 3 and len(load_box_dataset(str(source), "test")) == 3
+        # The split also goes by its folder's name.
+        assert torch.equal(load_box_dataset(str(source), "valid").boxes, load_box_dataset(str(source), "val").boxes)
         resized = load_box_dataset(str(source), "train", image_size=8)
         assert resized.images.shape == (6, 3, 8, 8) and torch.equal(resized.boxes, ds.boxes)
     sub = ds.subset(torch.tensor([0, 2]))
@@ -223,6 +225,9 @@ def test_csv_with_pixel_corners_and_a_split_column(tmp_path):
     assert torch.allclose(test.boxes, torch.tensor([[0.5, 0.5, 1.0, 1.0]]))
     with pytest.raises(MissingSplit):
         load_box_dataset(str(tmp_path / "boxes.csv"), "val")
+    # Excel starts a UTF-8 CSV with a byte-order mark: the first column is still `path`.
+    (tmp_path / "excel.csv").write_text("\ufeff" + (tmp_path / "boxes.csv").read_text(), encoding="utf-8")
+    assert torch.equal(load_box_dataset(str(tmp_path / "excel.csv"), "train", image_size=16).boxes, train.boxes)
     (tmp_path / "bad.csv").write_text("path,label,x_min,y_min,x_max\na.png,dog,0,0,1\n")
     with pytest.raises(VitkitError, match="lacks the column"):
         load_box_dataset(str(tmp_path / "bad.csv"))

@@ -54,6 +54,17 @@ def test_image_folder_with_split_folders(tmp_path):
     assert len(load_dataset(str(tmp_path / "root"), "test")) == 2
     with pytest.raises(VitkitError, match="no val/ folder"):
         load_dataset(str(tmp_path / "root"), "val")
+    make_folder(tmp_path / "root" / "valid", sizes=((6, 6),) * 2)
+    assert len(load_dataset(str(tmp_path / "root"), "valid")) == len(load_dataset(str(tmp_path / "root"), "val")) == 4
+    with pytest.raises(VitkitError, match="unknown split 'dev': use train, test or val"):
+        load_dataset(str(tmp_path / "root"), "dev")
+
+
+def test_class_difference_names_the_first_class_that_differs():
+    a, b = ["A", "B", "C", "D", "E", "F"], ["A", "B", "C", "D", "E", "G"]
+    assert datasets_module.class_difference(a, b) == "class 5 is 'F' in the data, 'G' in the checkpoint"
+    assert datasets_module.class_difference(a, a[:5]) == "6 classes in the data, 5 in the checkpoint"
+    assert datasets_module.class_difference(b[:3], a) == "3 classes in the data, 6 in the checkpoint"
 
 
 def test_image_folder_user_errors(tmp_path):

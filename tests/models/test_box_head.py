@@ -222,6 +222,22 @@ def test_zoom_classifies_a_second_pass_over_the_square_around_the_box(box_head):
     assert model.backbone.pos_embed.grad.abs().sum() > 0 and model.classifier[0].weight.grad.abs().sum() > 0
 
 
+def test_zoom_crops_around_the_box_clipped_to_the_image_in_training_as_in_evaluation():
+    model = tiny_box_vit(zoom=1.2, dropout=0.0)  # mlp head: its box may leave the image; the model does not clip it
+    last = model.regressor[-1]
+    torch.nn.init.zeros_(last.weight)
+    with torch.no_grad():  # every image's box: (cx, cy, w, h) = (0.9, 0.1, 0.6, 0.6), through the sigmoid
+        last.bias.copy_(torch.logit(torch.tensor([0.9, 0.1, 0.6, 0.6])))
+    x = torch.randn(2, 3, 16, 16)
+    # Its edges x 0.6..1.2 and y -0.2..0.4, clipped: x 0.6..1.0, y 0..0.4, i.e. centre (0.8, 0.2), sides 0.4.
+    crops = square_crops(x, torch.tensor([[0.8, 0.2, 0.4, 0.4]]).expand(2, 4), 1.2, 16)
+    expected = model.classifier(model.features(crops)[0])
+    for training in (True, False):
+        logits, boxes = model.train(training)(x)
+        torch.testing.assert_close(boxes, torch.tensor([[0.9, 0.1, 0.6, 0.6]]).expand(2, 4))
+        torch.testing.assert_close(logits, expected)
+
+
 def test_a_larger_input_is_resized_for_the_first_pass_and_the_zoom_crops_it_at_full_detail():
     model = tiny_box_vit(box_head="dense", zoom=1.2, view_size=16, dropout=0.0)
     plain = tiny_box_vit(box_head="dense", zoom=1.2, dropout=0.0)  # the same weights, fed 16-pixel images
@@ -307,3 +323,5 @@ def test_bad_head_settings_are_user_errors():
         tiny_box_vit(zoom=0.5)
     with pytest.raises(VitkitError, match="--zoom classifies a crop around the box, --region-pool"):
         tiny_box_vit(box_head="dense", region_pool=True, zoom=1.2)
+    with pytest.raises(VitkitError, match="--zoom crops around the predicted box.*drop --no-sigmoid"):
+        tiny_box_vit(sigmoid=False, zoom=1.2)

@@ -238,11 +238,14 @@ def test_ema_checkpoints_hold_the_average_of_the_weights_after_every_step(small_
     assert averaged.history[-1]["val_iou_mean"] == pytest.approx(val["iou_mean"], abs=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["mse", "giou"])
-def test_auto_balance_starts_both_terms_equal(small_squares, tmp_path, kind):
-    trainer = BoxTrainer(resume_config(small_squares, box_loss=kind, head_dropout=0.0), tmp_path)
+@pytest.mark.parametrize("kind, read_out", [("mse", {}), ("giou", {}),
+                                             ("mse", {"flip_tta": True, "box_scale": "0.9"})])
+def test_auto_balance_starts_both_terms_equal(small_squares, tmp_path, kind, read_out):
+    # The terms as training computes them: train mode (no dropout here), where neither the mirror averaging nor
+    # the box scale of the evaluation applies.
+    trainer = BoxTrainer(resume_config(small_squares, box_loss=kind, head_dropout=0.0, **read_out), tmp_path)
     balance = measure_loss_balance(trainer.model, trainer.loader, kind, 2, trainer.device)
-    trainer.model.eval()
+    assert trainer.model.training and trainer.model.box_scale == float(read_out.get("box_scale", 1))
     trainer.loader.set_epoch(0)
     terms = torch.zeros(2)
     with torch.no_grad():

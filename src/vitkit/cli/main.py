@@ -243,16 +243,15 @@ def load_checkpoint_and_data(args: argparse.Namespace, device) -> tuple[Any, dic
     """The checkpoint's model (eval mode) and metadata, and `args.split` of `args.data` (default: the data
     the model was trained on), resized to the model's input; the classes must match the checkpoint's."""
     from vitkit.data import load_dataset
+    from vitkit.data.datasets import class_difference
     from vitkit.train import load_model
 
     model, info = load_model(args.checkpoint, device)
     source = args.data or info["data"]
     data = load_dataset(source, args.split, image_size=info["model"]["image_size"], root=args.data_root)
     if data.classes != info["classes"]:
-        raise VitkitError(
-            f"the data's classes {data.classes[:5]}... differ from the checkpoint's {info['classes'][:5]}...: "
-            "use the data set the model was trained on"
-        )
+        raise VitkitError("the data's classes differ from the checkpoint's "
+                          f"({class_difference(data.classes, info['classes'])}): use the data set the model was trained on")
     return model, info, data
 
 

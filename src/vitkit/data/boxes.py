@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from vitkit.data.datasets import (
-    ARCHIVE_SUFFIXES, IMAGE_EXTENSIONS, SPLIT_FOLDERS, ImageDataset, _assemble, _cached, _decode_all, _scan_folder,
+    ARCHIVE_SUFFIXES, IMAGE_EXTENSIONS, SPLIT_FOLDERS, ImageDataset, _assemble, canonical_split, _cached, _decode_all, _scan_folder,
     safe_members, unreadable_archive,
 )
 from vitkit.errors import VitkitError
@@ -148,8 +148,7 @@ def load_box_dataset(
     module's docstring), resized to `image_size`×`image_size` when given."""
     if image_size is not None and image_size < 1:
         raise VitkitError(f"image size {image_size} is not positive: pass a size in pixels, e.g. 224")
-    if split not in SPLIT_FOLDERS:
-        raise VitkitError(f"unknown split {split!r}: use train, test or val")
+    split = canonical_split(split)
     path = Path(source).expanduser().resolve()
     if not path.exists():
         raise VitkitError(f"box data {source!r} does not exist: pass a YOLO folder, a .tar.gz of one, or a CSV file")
@@ -303,7 +302,7 @@ def _load_yolo_archive(archive: Path, split: str, image_size: int | None, cache_
 
 def _load_csv(path: Path, split: str, image_size: int | None, cache_dir) -> BoxDataset:
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a byte-order mark first
             reader = csv.DictReader(f)
             header = [c.strip() for c in reader.fieldnames or []]
             rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]

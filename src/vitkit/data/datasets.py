@@ -33,6 +33,25 @@ CACHE_VERSION = 1  # bump when the decoded arrays of the same source would chang
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 SPLIT_FOLDERS = {"train": ("train",), "test": ("test",), "val": ("val", "valid", "validation")}
+
+
+def class_difference(data_classes: list[str], model_classes: list[str]) -> str:
+    """Where a data set's class names first differ from a model's, in words (for an error message)."""
+    counts = f"{len(data_classes)} classes in the data, {len(model_classes)} in the checkpoint"
+    first = next((i for i, (a, b) in enumerate(zip(data_classes, model_classes)) if a != b), None)
+    if first is None:
+        return counts
+    where = f"class {first} is {data_classes[first]!r} in the data, {model_classes[first]!r} in the checkpoint"
+    return where if len(data_classes) == len(model_classes) else f"{counts}; {where}"
+
+
+def canonical_split(split: str) -> str:
+    """train, test or val for a split's name or any of its folder names (valid, validation); a user error else."""
+    for name, folders in SPLIT_FOLDERS.items():
+        if split == name or split in folders:
+            return name
+    raise VitkitError(f"unknown split {split!r}: use train, test or val")
+
 DIGITS_SPLIT_SEED = 20240  # fixed: digits' train/test split must be the same on every machine
 
 # Seed 003's CIFAR-10 training-set statistics (per-pixel, images scaled to [0, 1]).
@@ -114,8 +133,7 @@ def load_dataset(
     """
     if image_size is not None and image_size < 1:
         raise VitkitError(f"image size {image_size} is not positive: pass a size in pixels, e.g. 32")
-    if split not in SPLIT_FOLDERS:
-        raise VitkitError(f"unknown split {split!r}: use train, test or val")
+    split = canonical_split(split)
     if source == "digits":
         return _resize(_digits(split), image_size)
     if source in CIFAR_ARCHIVES:

@@ -28,7 +28,8 @@ predicted box, `zoom` times the box's longer side, resampled to the backbone's i
 that pass's pooled feature instead of the whole image's (a two-stage detector's classification of its proposals,
 here with the backbone shared). The object then fills the input: with a margin of 1.2, a hand half the image wide
 is seen through about 2.8 times as many patch tokens. The crop follows the box without its gradient (the class loss
-does not move the box), and the box before `box_scale`, so that training and evaluation crop alike. It doubles the
+does not move the box), and the box clipped to the image and before `box_scale`, so that training and evaluation
+crop alike. It doubles the
 cost of a step.
 `view_size` lets the crop hold detail the first pass never sees: the model takes images larger than the backbone's
 size (say 448 for a 224 backbone), the first pass sees them resized to `view_size`, and the crop is cut from the
@@ -55,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkit.data.boxes import scale_sizes, square_crops, xyxy_to_cxcywh
+from vitkit.data.boxes import cxcywh_to_xyxy, scale_sizes, square_crops, xyxy_to_cxcywh
 from vitkit.errors import VitkitError
 from vitkit.models.presets import preset_config
 from vitkit.models.pretrained import freeze_blocks, load_pretrained, read_state_dict
@@ -132,6 +133,8 @@ class BoxModel(nn.Module):
             raise VitkitError(f"zoom margin {zoom} would crop the object: pass a margin ≥ 1, e.g. 1.2, or 0 for none")
         if view_size is not None and view_size < 1:
             raise VitkitError(f"view size {view_size} is not positive: pass the backbone's image size, e.g. 224")
+        if zoom and not sigmoid:
+            raise VitkitError("--zoom crops around the predicted box, which needs its sizes bounded: drop --no-sigmoid")
         if zoom and region_pool:
             raise VitkitError("--zoom classifies a crop around the box, --region-pool the whole image's cells where "
                               "the box is: choose one")
@@ -202,7 +205,9 @@ class BoxModel(nn.Module):
                 boxes = boxes.sigmoid() if self.sigmoid else boxes
         if self.zoom:
             # The backbone's second pass runs under the caller's autocast, as the first did.
-            crops = square_crops(x, boxes.detach(), self.zoom, size)
+            # Around the box clipped to the image, in training as in evaluation (where the dense head clips it).
+            clipped = xyxy_to_cxcywh(cxcywh_to_xyxy(boxes.detach()).clamp(0, 1))
+            crops = square_crops(x, clipped, self.zoom, size)
             class_input = self.features(crops)[0]
         with torch.autocast(pooled.device.type, enabled=False):
             if not self.training and self.box_scale != 1:

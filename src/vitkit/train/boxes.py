@@ -55,7 +55,7 @@ from vitkit.data.box_augment import BoxAugment, BoxAugmentConfig, BoxLoader
 from vitkit.data.boxes import (
     BoxDataset, MissingSplit, box_iou, cxcywh_to_xyxy, generalized_box_iou, load_box_dataset, scale_sizes, xyxy_to_cxcywh,
 )
-from vitkit.data.datasets import channel_stats, train_val_split
+from vitkit.data.datasets import channel_stats, class_difference, train_val_split
 from vitkit.errors import VitkitError
 from vitkit.models.box_head import BACKBONES, BOX_HEADS, RESNET18_FEATURES, BoxModel, resnet18_backbone, vit_backbone
 from vitkit.models.vit import num_parameters
@@ -291,17 +291,22 @@ def task_loss(logits: Tensor, pred: Tensor, labels: Tensor, boxes: Tensor, balan
 def measure_loss_balance(model: BoxModel, loader: BoxLoader, kind: str, batches: int, device: torch.device,
                          bf16: bool = False, label_smoothing: float = 0.0) -> float:
     """C = mean CE (with `label_smoothing`, as in training) / mean box loss over the first `batches` batches of epoch
-    0, in eval mode (no dropout, no random draw): with it both loss terms start equal."""
-    was_training = model.training
+    0, in eval mode (no dropout, no random draw): with it both loss terms start equal. The outputs are those the loss
+    trains: one view (no mirror averaging), no box scale."""
+    was_training, scale = model.training, model.box_scale
     model.eval()
+    model.box_scale = 1.0
     loader.set_epoch(0)
     ce = bl = torch.zeros((), device=device)
-    for _, (x, y, b) in zip(range(batches), loader):
-        with autocast(device, bf16):
-            logits, pred = model(x)
-        _, c, l = task_loss(logits, pred, y, b, 1.0, kind, label_smoothing)
-        ce, bl = ce + c, bl + l
-    model.train(was_training)
+    try:
+        for _, (x, y, b) in zip(range(batches), loader):
+            with autocast(device, bf16):
+                logits, pred = model.single_view(x)
+            _, c, l = task_loss(logits, pred, y, b, 1.0, kind, label_smoothing)
+            ce, bl = ce + c, bl + l
+    finally:
+        model.train(was_training)
+        model.box_scale = scale
     return (ce / bl.clamp(min=1e-12)).item()
 
 
@@ -429,8 +434,8 @@ def evaluate_box_model(model: BoxModel, info: dict[str, Any], data: BoxDataset, 
     `picture`, a grid of `samples` images spread over the split, true and predicted boxes drawn, and the confusion
     matrix beside it (confusion.png), by rank 0. Under torchrun every rank must call it."""
     if data.classes != info["classes"]:
-        raise VitkitError(f"the data's classes {data.classes[:5]}... differ from the checkpoint's "
-                          f"{info['classes'][:5]}...: use the data set the model was trained on")
+        raise VitkitError("the data's classes differ from the checkpoint's "
+                          f"({class_difference(data.classes, info['classes'])}): use the data set the model was trained on")
     logits, pred = predict_boxes(model, data, info["mean"], info["std"], device, batch_size, bf16)
     prefix = f"{split}_" if split else ""
     metrics = box_metrics(logits, pred, data.labels, data.boxes, info["loss_balance"], info["box_loss"], prefix)
