@@ -29,8 +29,7 @@ that pass's pooled feature instead of the whole image's (a two-stage detector's 
 here with the backbone shared). The object then fills the input: with a margin of 1.2, a hand half the image wide
 is seen through about 2.8 times as many patch tokens. The crop follows the box without its gradient (the class loss
 does not move the box), and the box clipped to the image and before `box_scale`, so that training and evaluation
-crop alike. It doubles the
-cost of a step.
+crop alike. It doubles the cost of a step.
 `view_size` lets the crop hold detail the first pass never sees: the model takes images larger than the backbone's
 size (say 448 for a 224 backbone), the first pass sees them resized to `view_size`, and the crop is cut from the
 full image; a hand half of a 448-pixel image is then seen at about its own resolution.
