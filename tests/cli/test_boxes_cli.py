@@ -92,6 +92,26 @@ def test_predict_on_a_box_checkpoint_gives_classes_and_boxes_in_the_files_pixels
             [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height], abs=1e-3)
 
 
+def test_eval_and_predict_score_under_the_autocast_the_run_scored_itself_with(box_run, tmp_path, monkeypatch):
+    import vitkit.train.boxes as boxes_module
+
+    data, out = box_run
+    _, info = load_box_model(out)
+    assert info["eval_bf16"] is json.loads((out / "config.json").read_text())["bf16"]  # on CUDA: bf16 by default
+    asked = []
+    real = boxes_module.predict_boxes
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs.get("bf16", args[6] if len(args) > 6 else None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(boxes_module, "predict_boxes", recording)
+    image = str(next((data / "test" / "images").glob("*.png")))
+    assert main(["eval", str(out), "--device", "cpu", "--out", str(tmp_path / "eval")]) == 0
+    assert main(["predict", str(out), image, "--device", "cpu"]) == 0
+    assert asked == [info["eval_bf16"]] * 2
+
+
 def test_resume_of_a_finished_box_run_keeps_its_weights(box_run):
     _, out = box_run
     before = (out / "last.safetensors").read_bytes()

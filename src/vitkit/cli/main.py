@@ -228,8 +228,8 @@ def cmd_eval_boxes(args: argparse.Namespace) -> int:
     source = args.data or info["data"]
     data = load_box_dataset(source, args.split, info["image_size"])
     out = Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + f"-eval-{args.split}")
-    metrics = evaluate_box_model(model, info, data, args.split, device, args.batch_size, picture=out / "boxes.png",
-                                 samples=args.samples, per_class=True)
+    metrics = evaluate_box_model(model, info, data, args.split, device, args.batch_size, info.get("eval_bf16", False),
+                                 picture=out / "boxes.png", samples=args.samples, per_class=True)
     if not distributed.is_main():  # rank 0 has every image's prediction and writes the report
         return 0
     summary = {"checkpoint": str(args.checkpoint), "data": source, "split": args.split, "images": len(data),
@@ -321,7 +321,7 @@ def cmd_predict_boxes(args: argparse.Namespace) -> int:
     # The images are stretched to the model's square input, so a box's fractions hold for the file's own size.
     unknown = BoxDataset(images, torch.zeros(len(images), dtype=torch.long), info["classes"], "predict",
                          torch.zeros(len(images), 4))
-    logits, boxes = predict_boxes(model, unknown, info["mean"], info["std"], device)
+    logits, boxes = predict_boxes(model, unknown, info["mean"], info["std"], device, bf16=info.get("eval_bf16", False))
     probs = logits.softmax(1)
     top_p, top_i = probs.topk(min(args.top_k, probs.shape[1]), dim=1)
     results = []

@@ -526,6 +526,9 @@ class BoxTrainer:
             "data": self.cfg.data,
             "box_loss": self.cfg.box_loss,
             "loss_balance": self.balance,
+            # The run scores itself under bf16 autocast on CUDA (--bf16): `vitkit eval` and `predict` do the same,
+            # so that they reproduce summary.json.
+            "eval_bf16": self.cfg.bf16,
             "epoch": self.epoch,
             "metrics": metrics,
         }
