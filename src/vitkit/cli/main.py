@@ -302,6 +302,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def ranked_classes(probs: Any, k: int, classes: list[str]) -> list[list[dict[str, Any]]]:
+    """Per image, its `k` most probable classes (at most all) as {"class", "probability"}, most probable first."""
+    top_p, top_i = probs.topk(min(k, probs.shape[1]), dim=1)
+    return [[{"class": classes[i], "probability": p} for p, i in zip(ps, idx)]
+            for ps, idx in zip(top_p.tolist(), top_i.tolist())]
+
+
+def describe_ranked(ranked: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{r['class']} {r['probability']:.1%}" for r in ranked)
+
+
 def cmd_predict_boxes(args: argparse.Namespace) -> int:
     """`vitkit predict` on a box checkpoint: each image's top-k classes and its box, in pixels of the file as given;
     with --out, the boxes drawn on the images the model saw (boxes.png)."""
@@ -323,21 +334,20 @@ def cmd_predict_boxes(args: argparse.Namespace) -> int:
                          torch.zeros(len(images), 4))
     logits, boxes = predict_boxes(model, unknown, info["mean"], info["std"], device, bf16=info.get("eval_bf16", False))
     probs = logits.softmax(1)
-    top_p, top_i = probs.topk(min(args.top_k, probs.shape[1]), dim=1)
     results = []
-    for path, ps, idx, box in zip(args.images, top_p.tolist(), top_i.tolist(), boxes):
-        with Image.open(path) as img:
+    for path, ranked, box in zip(args.images, ranked_classes(probs, args.top_k, info["classes"]), boxes):
+        with Image.open(path) as img:  # the header only: the file's own size
             width, height = img.size
         corners = (cxcywh_to_xyxy(box) * torch.tensor([width, height, width, height])).tolist()
-        ranked = [{"class": info["classes"][i], "probability": p} for p, i in zip(ps, idx)]
         results.append({"image": str(path), "top": ranked, "box_cxcywh": box.tolist(), "box_xyxy_pixels": corners,
                         "image_size": [width, height]})
-        print(f"{path}: " + ", ".join(f"{r['class']} {r['probability']:.1%}" for r in ranked)
-              + "; box x1, y1, x2, y2 = " + ", ".join(f"{c:.0f}" for c in corners) + " px")
+        print(f"{path}: {describe_ranked(ranked)}; box x1, y1, x2, y2 = " + ", ".join(f"{c:.0f}" for c in corners)
+              + " px")
     if args.out:
         out = Path(args.out)
-        plot_box_predictions(images, None, boxes, None, top_i[:, 0].tolist(), info["classes"], out / "boxes.png",
-                             probs=top_p[:, 0].tolist())
+        best_p, best_i = probs.max(1)
+        plot_box_predictions(images, None, boxes, None, best_i.tolist(), info["classes"], out / "boxes.png",
+                             probs=best_p.tolist())
         write_json(out / "summary.json", {"checkpoint": str(args.checkpoint), "predictions": results})
     return 0
 
@@ -358,13 +368,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     std = torch.tensor(info["std"], device=device)[:, None, None]
     with torch.inference_mode():
         probs = model((images.to(device).float() / 255 - mean) / std).softmax(1).cpu()
-    k = min(args.top_k, probs.shape[1])
-    top_p, top_i = probs.topk(k, dim=1)
     results = []
-    for path, ps, idx in zip(args.images, top_p.tolist(), top_i.tolist()):
-        ranked = [{"class": info["classes"][i], "probability": p} for p, i in zip(ps, idx)]
+    for path, ranked in zip(args.images, ranked_classes(probs, args.top_k, info["classes"])):
         results.append({"image": str(path), "top": ranked})
-        print(f"{path}: " + ", ".join(f"{r['class']} {r['probability']:.1%}" for r in ranked))
+        print(f"{path}: {describe_ranked(ranked)}")
     if args.out:
         write_json(Path(args.out) / "summary.json", {"checkpoint": str(args.checkpoint), "predictions": results})
     return 0
