@@ -12,6 +12,7 @@ from vitkit.plots import (
     plot_box_predictions,
     plot_certified_accuracy,
     plot_confusion_matrix,
+    plot_explanations,
     plot_learning_curves,
     plot_prediction_grid,
     plot_robustness,
@@ -140,3 +141,14 @@ def test_box_predictions_draw_the_true_box_only_where_it_is_known(tmp_path):
     assert count_colour(tmp_path / "new" / "boxes.png", orange) > 50
     with pytest.raises(VitkitError, match="neither"):
         plot_box_predictions(images, true, pred, None, [0, 2], CLASSES, tmp_path / "bad.png")
+
+
+def test_explanations_draw_the_predicted_boxes_where_given(tmp_path):
+    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)  # black, under zero relevance (jet's dark blue)
+    maps = torch.zeros(2, 32, 32)
+    orange = (255, 165, 0)
+    boxes = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.3, 0.6, 0.4, 0.2]])
+    plot_explanations(images, maps, ["a", "b"], [True, False], tmp_path / "plain.png")
+    plot_explanations(images, maps, ["a", "b"], [True, False], tmp_path / "boxes.png", boxes=boxes)
+    assert count_colour(tmp_path / "plain.png", orange) == 0
+    assert count_colour(tmp_path / "boxes.png", orange) > 100

@@ -170,6 +170,16 @@ def plot_prediction_grid(
     _save(fig, path)
 
 
+def _draw_box(ax, box: Tensor, width: int, height: int, colour: str) -> None:
+    """A (cx, cy, w, h) box in image fractions, outlined on an image drawn by imshow."""
+    from matplotlib.patches import Rectangle
+
+    cx, cy, w, h = (float(v) for v in box)
+    # Pixel edges are at -0.5 and width - 0.5 in imshow's coordinates.
+    ax.add_patch(Rectangle(((cx - w / 2) * width - 0.5, (cy - h / 2) * height - 0.5), w * width, h * height,
+                           fill=False, edgecolor=colour, linewidth=1.5))
+
+
 def plot_box_predictions(
     images: Tensor,
     true_boxes: Tensor | None,
@@ -189,8 +199,6 @@ def plot_box_predictions(
 
     images: (N, C, H, W), uint8 or float in [0, 1], C = 1 or 3; boxes: (N, 4) (cx, cy, w, h) in [0, 1].
     """
-    from matplotlib.patches import Rectangle
-
     pixels = _pixels(images)
     pixels = np.repeat(pixels, 3 // pixels.shape[-1], axis=-1)  # grey images shown in colour, under coloured boxes
     n, H, W = pixels.shape[:3]
@@ -209,10 +217,7 @@ def plot_box_predictions(
         ax.imshow(pixels[i], interpolation="nearest")
         drawn = ((true_boxes[i], TRUE_BOX),) if known else ()
         for box, colour in (*drawn, (pred_boxes[i], PREDICTED_BOX)):
-            cx, cy, w, h = (float(v) for v in box)
-            # Pixel edges are at -0.5 and W - 0.5 in imshow's coordinates.
-            ax.add_patch(Rectangle(((cx - w / 2) * W - 0.5, (cy - h / 2) * H - 0.5), w * W, h * H,
-                                   fill=False, edgecolor=colour, linewidth=1.5))
+            _draw_box(ax, box, W, H, colour)
         p = int(pred[i])
         confidence = f" ({100 * float(probs[i]):.0f}%)" if probs is not None else ""
         if not known:
@@ -225,10 +230,12 @@ def plot_box_predictions(
 
 
 def plot_explanations(
-    images: Tensor, maps: Tensor, titles: Sequence[str], correct: Sequence[bool], path: str | os.PathLike
+    images: Tensor, maps: Tensor, titles: Sequence[str], correct: Sequence[bool], path: str | os.PathLike,
+    boxes: Tensor | None = None,
 ) -> None:
     """Seed 003's figure, one row per image: the image, the relevance heat-map over it, and the image
-    darkened where the relevance is low. maps: (N, H, W) in [0, 1]."""
+    darkened where the relevance is low. maps: (N, H, W) in [0, 1]; `boxes` (N, 4) (cx, cy, w, h) in [0, 1],
+    predicted boxes, are drawn on the first two panels."""
     pixels = images.float() / 255 if images.dtype == torch.uint8 else images.float().clamp(0, 1)
     pixels = pixels.detach().cpu().permute(0, 2, 3, 1).expand(-1, -1, -1, 3).numpy()
     heat = maps.detach().cpu().float().numpy()
@@ -241,6 +248,8 @@ def plot_explanations(
             ax.imshow(panel, interpolation="nearest")
             if j == 1:
                 ax.imshow(heat[i], cmap="jet", alpha=0.5, vmin=0, vmax=1, interpolation="bilinear")
+            if boxes is not None and j < 2:
+                _draw_box(ax, boxes[i], panel.shape[1], panel.shape[0], PREDICTED_BOX)
             ax.axis("off")
         axes[i, 0].set_title(titles[i], fontsize=8, color=RIGHT if correct[i] else WRONG, loc="left")
     _save(fig, path)

@@ -119,7 +119,27 @@ def test_resume_of_a_finished_box_run_keeps_its_weights(box_run):
     assert (out / "last.safetensors").read_bytes() == before
 
 
-@pytest.mark.parametrize("problem", ["missing data", "bad label", "changed option", "classifier command"])
+def test_explain_on_a_zoomed_box_checkpoint_draws_both_passes(tmp_path, capsys):
+    data = write_yolo(tmp_path / "squares", {"train": 32, "valid": 16, "test": 16})
+    run = tmp_path / "run"
+    assert main(["train-boxes", "--data", str(data), *TINY, "--image-size", "16", "--source-size", "32",
+                 "--zoom", "1.2", "--zoom-jitter", "0.1", "--box-head", "dense", "--epochs", "1",
+                 "--out", str(run)]) == 0
+    out = tmp_path / "explain"
+    assert main(["explain", str(run), "--n", "5", "--device", "cpu", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images_shown"] == 5 and summary["figures"] == ["rollout.png", "rollout-zoom.png"]
+    for name in summary["figures"]:
+        assert Image.open(out / name).size[1] > 5 * 100  # a row per image
+    # Image files; one layer's attention.
+    files = sorted((data / "test" / "images").glob("*"))[:2]
+    assert main(["explain", str(run), *map(str, files), "--method", "attention", "--layer", "0", "--device", "cpu",
+                 "--out", str(out / "files")]) == 0
+    assert json.loads((out / "files" / "summary.json").read_text())["images_shown"] == 2
+
+
+@pytest.mark.parametrize("problem", ["missing data", "bad label", "changed option", "classifier command",
+                                     "explain evaluate", "explain gradient"])
 def test_user_errors_are_one_line(box_run, tmp_path, capsys, problem):
     data, out = box_run
     if problem == "missing data":
@@ -130,8 +150,12 @@ def test_user_errors_are_one_line(box_run, tmp_path, capsys, problem):
         args = ["train-boxes", "--data", str(bad), *TINY]
     elif problem == "changed option":
         args = ["train-boxes", "--resume", str(out), "--lr", "0.5"]
+    elif problem == "classifier command":
+        args = ["certify", str(out)]
+    elif problem == "explain evaluate":
+        args = ["explain", str(out), "--evaluate"]
     else:
-        args = ["explain", str(out)]
+        args = ["explain", str(out), "--method", "grad_rollout"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("vitkit: error:") and "\n" not in err

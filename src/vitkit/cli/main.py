@@ -409,6 +409,76 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def relevance_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """The options of `vitkit explain` that `method` takes, as `patch_relevance` takes them."""
+    if method == "rollout":
+        return dict(head_fusion=args.head_fusion, discard_ratio=args.discard_ratio, start_layer=args.start_layer,
+                    residual=args.residual)
+    if method == "attention":
+        return dict(layer=args.layer, head_fusion=args.head_fusion)
+    return {}
+
+
+def cmd_explain_boxes(args: argparse.Namespace) -> int:
+    """`vitkit explain` on a box checkpoint (ViT backbone): maps of where the backbone looks on each image, with the
+    predicted box drawn (METHOD.png); with --zoom, also on the crop around the box that the class is read from
+    (METHOD-zoom.png)."""
+    import torch
+
+    from vitkit.data import load_images
+    from vitkit.data.boxes import box_iou, load_box_dataset
+    from vitkit.explain import explain_box_model, relevance_to_image
+    from vitkit.plots import plot_explanations
+    from vitkit.train import select_device
+    from vitkit.train.boxes import load_box_model
+    from vitkit.train.checkpoint import write_json
+
+    if args.evaluate:
+        raise VitkitError("--evaluate (deletion and insertion) scores a classifier's maps; it is not built for box "
+                          "checkpoints: drop --evaluate")
+    device = select_device(args.device)
+    model, info = load_box_model(args.checkpoint, device)
+    if args.images:
+        images, labels, true_boxes = load_images(args.images, info["image_size"], info["in_channels"]), None, None
+    else:
+        source = args.data or info["data"]
+        data = load_box_dataset(source, args.split, info["image_size"])
+        # Data sets are often stored class by class: a seeded random sample shows every class.
+        data = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.n])
+        images, labels, true_boxes = data.images, data.labels, data.boxes
+    images = images[:args.n]
+    mean = torch.tensor(info["mean"], device=device)[:, None, None]
+    std = torch.tensor(info["std"], device=device)[:, None, None]
+    x = (images.to(device).float() / 255 - mean) / std
+    explained = explain_box_model(model, x, args.method, **relevance_options(args, args.method))
+    probs = explained.logits.softmax(1).cpu()
+    pred, boxes = probs.argmax(1), explained.boxes.cpu()
+    titles, correct = [], []
+    for i, p in enumerate(pred.tolist()):
+        title = f"pred {info['classes'][p]} ({probs[i, p]:.0%})"
+        if labels is not None:
+            title += f" / true {info['classes'][labels[i]]}, IoU {box_iou(boxes[i], true_boxes[i]):.2f}"
+        titles.append(title)
+        correct.append(labels is None or p == labels[i])
+    grid = model.backbone.cfg.grid_size
+    out = Path(args.out)
+    size = images.shape[-1]
+    plot_explanations(images, relevance_to_image(explained.relevance, (grid, grid), (size, size)), titles, correct,
+                      out / f"{args.method}.png", boxes=boxes)
+    figures = [f"{args.method}.png"]
+    if explained.crops is not None:
+        crop_pixels = (explained.crops * std + mean).clamp(0, 1)
+        crop_size = crop_pixels.shape[-1]
+        plot_explanations(crop_pixels, relevance_to_image(explained.crop_relevance, (grid, grid), (crop_size,) * 2),
+                          titles, correct, out / f"{args.method}-zoom.png")
+        figures.append(f"{args.method}-zoom.png")
+    summary = {"checkpoint": str(args.checkpoint), "method": args.method, "images_shown": len(images),
+               "figures": figures}
+    write_json(out / "summary.json", summary)
+    print_summary(summary, out)
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     """Relevance maps for images or a data set, and with --evaluate the deletion/insertion check."""
     import torch
@@ -420,6 +490,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from vitkit.train import load_model, read_info, select_device
     from vitkit.train.checkpoint import write_json
 
+    if read_info(args.checkpoint).get("task") == "boxes":
+        return cmd_explain_boxes(args)
     require_vit(read_info(args.checkpoint), args.checkpoint, "`vitkit explain` reads a ViT's attention maps")
     device = select_device(args.device)
     if args.images:
@@ -431,8 +503,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
     cfg = model.cfg
     mean = torch.tensor(info["mean"], device=device)[:, None, None]
     std = torch.tensor(info["std"], device=device)[:, None, None]
-    options = dict(head_fusion=args.head_fusion, discard_ratio=args.discard_ratio, start_layer=args.start_layer,
-                   residual=args.residual)
 
     def normalise(batch: torch.Tensor) -> torch.Tensor:
         return (batch.to(device).float() / 255 - mean) / std
@@ -440,9 +510,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     def relevance(x: torch.Tensor, method: str) -> torch.Tensor:
         if method == "random":
             return torch.rand(x.shape[0], cfg.num_patches, device=device)
-        if method == "attention":
-            return patch_relevance(model, x, method, layer=args.layer, head_fusion=args.head_fusion)
-        return patch_relevance(model, x, method, **(options if method == "rollout" else {}))
+        return patch_relevance(model, x, method, **relevance_options(args, method))
 
     if not args.images:
         # Data sets are often stored class by class: a seeded random sample shows (and scores) every class.

@@ -1,10 +1,14 @@
-"""Explaining what a ViT looks at: attention rollout and gradient-weighted rollout."""
+"""Explaining what a ViT looks at: attention rollout and gradient-weighted rollout; for box models (seed 001's heads
+on a ViT), where the backbone looks on the image and, with --zoom, on the crop it classifies."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from vitkit.data.boxes import scale_sizes
 from vitkit.errors import VitkitError
 from vitkit.explain.rollout import (
     attention_rollout,
@@ -15,6 +19,7 @@ from vitkit.explain.rollout import (
     relevance_to_image,
 )
 from vitkit.models import VisionTransformer
+from vitkit.models.box_head import BoxModel
 
 METHODS = ("rollout", "grad_rollout", "attention")
 
@@ -60,8 +65,50 @@ def patch_relevance(
     return full.scatter_(1, keep, kept)
 
 
+@dataclass
+class BoxExplanation:
+    """One pass of a box model over images, explained. `relevance` is on the first pass, over the image at the
+    backbone's size (where the box comes from, and without zoom the class); with zoom, `crop_relevance` is on the
+    second, over `crops` (the normalised squares around the box that the class is read from)."""
+
+    logits: Tensor  # (B, classes)
+    boxes: Tensor  # (B, 4) (cx, cy, w, h) in [0, 1], with the model's box scale
+    relevance: Tensor  # (B, patches)
+    crops: Tensor | None = None  # (B, C, size, size)
+    crop_relevance: Tensor | None = None  # (B, patches)
+
+
+@torch.no_grad()
+def explain_box_model(model: BoxModel, x: Tensor, method: str = "rollout", **options) -> BoxExplanation:
+    """`patch_relevance` of a box model's ViT backbone, on each pass of one forward over normalised images `x`, in
+    eval mode and without flip averaging (a map explains one pass over the image as given). Gradient methods follow
+    a ViT's own head, which a box model does not use: "rollout" or "attention"."""
+    if not isinstance(model.backbone, VisionTransformer):
+        raise VitkitError(f"explanations read a ViT's attention; this box model's {type(model.backbone).__name__} "
+                          "backbone has none: explain a box model trained with --backbone vit")
+    if method not in ("rollout", "attention"):
+        raise VitkitError(f"--method {method} is not built for box models (their classes come from their own "
+                          "heads, not the ViT's): use --method rollout or attention")
+    saved = model.training, model.flip_tta, model.box_scale
+    model.eval()
+    model.flip_tta, model.box_scale = False, 1.0  # the crops are cut around the box before its scale
+    try:
+        logits, boxes = model(x)
+        relevance = patch_relevance(model.backbone, model.first_view(x), method, **options)
+        crops = crop_relevance = None
+        if model.zoom:
+            crops = model.zoom_crops(x, boxes)
+            crop_relevance = patch_relevance(model.backbone, crops, method, **options)
+    finally:
+        model.train(saved[0])
+        model.flip_tta, model.box_scale = saved[1], saved[2]
+    return BoxExplanation(logits, scale_sizes(boxes, model.box_scale), relevance, crops, crop_relevance)
+
+
 __all__ = [
     "METHODS",
+    "BoxExplanation",
+    "explain_box_model",
     "attention_rollout",
     "discard_lowest",
     "fuse_heads",
