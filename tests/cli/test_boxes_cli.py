@@ -123,7 +123,7 @@ def test_explain_on_a_zoomed_box_checkpoint_draws_both_passes(tmp_path, capsys):
     data = write_yolo(tmp_path / "squares", {"train": 32, "valid": 16, "test": 16})
     run = tmp_path / "run"
     assert main(["train-boxes", "--data", str(data), *TINY, "--image-size", "16", "--source-size", "32",
-                 "--zoom", "1.2", "--zoom-jitter", "0.1", "--box-head", "dense", "--epochs", "1",
+                 "--zoom", "1.2", "--box-head", "dense", "--epochs", "1",
                  "--out", str(run)]) == 0
     out = tmp_path / "explain"
     assert main(["explain", str(run), "--n", "5", "--device", "cpu", "--out", str(out)]) == 0

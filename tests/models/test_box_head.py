@@ -5,7 +5,7 @@ import torch
 from conftest import WEIGHTS, requires_weights
 from safetensors.torch import save_file
 
-from vitkit.data.boxes import cxcywh_to_xyxy, jitter_boxes, square_crops, xyxy_to_cxcywh
+from vitkit.data.boxes import square_crops
 from vitkit.errors import VitkitError
 from vitkit.models.box_head import RESNET18_FEATURES, BoxModel, DenseBoxRegressor, resnet18_backbone, vit_backbone
 from vitkit.models.resnet import resnet18
@@ -238,42 +238,6 @@ def test_zoom_crops_around_the_box_clipped_to_the_image_in_training_as_in_evalua
         torch.testing.assert_close(logits, expected)
 
 
-def test_zoom_jitter_moves_the_training_crops_only(monkeypatch):
-    model = tiny_box_vit(box_head="dense", zoom=1.2, zoom_jitter=0.1, dropout=0.0)
-    plain = tiny_box_vit(box_head="dense", zoom=1.2, dropout=0.0)  # the same weights, without jitter
-    x = torch.randn(3, 3, 16, 16)
-    torch.testing.assert_close(model.eval()(x), plain.eval()(x))  # evaluation crops around the box as it is
-    calls = []
-
-    def recording_jitter(boxes, amount):
-        calls.append((boxes, amount, jitter_boxes(boxes, amount)))
-        return calls[-1][2]
-
-    monkeypatch.setattr("vitkit.models.box_head.jitter_boxes", recording_jitter)
-    logits, boxes = model.train()(x)
-    (given, amount, moved), = calls
-    torch.testing.assert_close(given, xyxy_to_cxcywh(cxcywh_to_xyxy(boxes).clamp(0, 1)))  # the box clipped
-    assert amount == 0.1 and not torch.allclose(moved, given)
-    torch.testing.assert_close(logits, model.classifier(model.features(square_crops(x, moved, 1.2, 16))[0]))
-    torch.testing.assert_close(boxes, plain.train()(x)[1])  # the box is not jittered
-    assert len(calls) == 1
-
-
-def test_mixup_mixes_the_crops_the_classifier_reads_not_the_boxes():
-    model = tiny_box_vit(box_head="dense", zoom=1.2, dropout=0.0).train()
-    x = torch.randn(4, 3, 16, 16)
-    perm = torch.tensor([2, 0, 3, 1])
-    logits, boxes = model(x, mix=(perm, 0.7))
-    plain_logits, plain_boxes = model(x)
-    torch.testing.assert_close(boxes, plain_boxes)
-    crops = square_crops(x, xyxy_to_cxcywh(cxcywh_to_xyxy(boxes).clamp(0, 1)), 1.2, 16)
-    mixed = 0.7 * crops + 0.3 * crops[perm]
-    torch.testing.assert_close(logits, model.classifier(model.features(mixed)[0]))
-    assert not torch.allclose(logits, plain_logits)
-    with pytest.raises(VitkitError, match="mixup mixes the --zoom crops"):
-        tiny_box_vit(box_head="dense")(x, mix=(perm, 0.7))
-
-
 def test_a_larger_input_is_resized_for_the_first_pass_and_the_zoom_crops_it_at_full_detail():
     model = tiny_box_vit(box_head="dense", zoom=1.2, view_size=16, dropout=0.0)
     plain = tiny_box_vit(box_head="dense", zoom=1.2, dropout=0.0)  # the same weights, fed 16-pixel images
@@ -295,7 +259,7 @@ def test_a_larger_input_is_resized_for_the_first_pass_and_the_zoom_crops_it_at_f
 def test_spec_rebuilds_the_same_architecture(backbone, box_head, region_pool, zoom):
     if backbone == "vit":
         model = tiny_box_vit(dropout=0.1, box_head=box_head, box_scale=0.95, flip_tta=True, region_pool=region_pool,
-                             zoom=zoom, view_size=16 if zoom else None, zoom_jitter=0.1 if zoom else 0.0)
+                             zoom=zoom, view_size=16 if zoom else None)
     else:
         model = BoxModel(resnet18_backbone(cifar_stem=True), RESNET18_FEATURES, num_classes=3, hidden=16,
                          box_head=box_head, region_pool=region_pool, zoom=zoom)
@@ -306,7 +270,7 @@ def test_spec_rebuilds_the_same_architecture(backbone, box_head, region_pool, zo
     if backbone == "resnet18" and box_head == "mlp" and not zoom:
         # Checkpoints from before the dense head, the scale, the flip, the pool and the zoom.
         old = {k: v for k, v in model.spec().items()
-               if k not in ("box_head", "box_scale", "flip_tta", "region_pool", "zoom", "view_size", "zoom_jitter")}
+               if k not in ("box_head", "box_scale", "flip_tta", "region_pool", "zoom", "view_size")}
         assert BoxModel.from_spec(old).spec() == model.spec()
     size, classes = (16, 5) if backbone == "vit" else (32, 3)
     logits, boxes = model.eval()(torch.randn(2, 3, size, size))
@@ -361,6 +325,3 @@ def test_bad_head_settings_are_user_errors():
         tiny_box_vit(box_head="dense", region_pool=True, zoom=1.2)
     with pytest.raises(VitkitError, match="--zoom crops around the predicted box.*drop --no-sigmoid"):
         tiny_box_vit(sigmoid=False, zoom=1.2)
-    for zoom, jitter in ((0.0, 0.1), (1.2, 1.0), (1.2, -0.1)):
-        with pytest.raises(VitkitError, match=f"zoom jitter {jitter} needs a zoom and a fraction"):
-            tiny_box_vit(zoom=zoom, zoom_jitter=jitter)

@@ -932,7 +932,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=1, help="batch size for the memory estimate")
     p.add_argument("--out", help="also write the figures to OUT/summary.json")
 
-    p = command("explain", cmd_explain, "attention-rollout maps, and a deletion/insertion check of their quality")
+    p = command("explain", cmd_explain, "attention-rollout maps, and a deletion/insertion check of their quality "
+                                        "(box checkpoints: maps of the image with the box, and of the zoom's crop)")
     p.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
     p.add_argument("images", nargs="*", help="image files (default: the first --n images of --data)")
     p.add_argument("--data", help="data source (default: the one the model was trained on)")

@@ -3,8 +3,7 @@ and the device-resident loader."""
 
 from vitkit.data.augment import Augment, AugmentConfig
 from vitkit.data.box_augment import BoxAugment, BoxAugmentConfig, BoxLoader
-from vitkit.data.boxes import (BoxDataset, box_iou, generalized_box_iou, jitter_boxes, load_box_dataset, scale_sizes,
-                               square_crops)
+from vitkit.data.boxes import BoxDataset, box_iou, generalized_box_iou, load_box_dataset, scale_sizes, square_crops
 from vitkit.data.datasets import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -33,7 +32,6 @@ __all__ = [
     "generalized_box_iou",
     "load_box_dataset",
     "scale_sizes",
-    "jitter_boxes",
     "square_crops",
     "load_dataset",
     "load_images",

@@ -88,17 +88,6 @@ def square_crops(images: Tensor, boxes: Tensor, margin: float, size: int) -> Ten
     return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def jitter_boxes(boxes: Tensor, amount: float, generator: torch.Generator | None = None) -> Tensor:
-    """Random proposals around (cx, cy, w, h) boxes (B, 4): each centre moved along each axis by up to `amount` ×
-    the box's longer side, and both sides multiplied by one factor in [e^-amount, e^amount]; uniform, independent per
-    image. Training crops around them see the object off-centre and at varied scales, as evaluation crops around
-    predicted (imperfect) boxes do."""
-    u = torch.rand(len(boxes), 3, generator=generator, device=boxes.device, dtype=boxes.dtype) * 2 - 1
-    longer = boxes[:, 2:].amax(dim=1, keepdim=True)
-    centres = boxes[:, :2] + amount * longer * u[:, :2]
-    return torch.cat([centres, boxes[:, 2:] * torch.exp(amount * u[:, 2:])], dim=1)
-
-
 def _pair_geometry(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Intersection, union and enclosing-box areas of paired (cx, cy, w, h) boxes (..., 4). A negative width
     or height (a regressor without sigmoid can output one) counts as 0."""

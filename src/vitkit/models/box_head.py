@@ -30,9 +30,6 @@ here with the backbone shared). The object then fills the input: with a margin o
 is seen through about 2.8 times as many patch tokens. The crop follows the box without its gradient (the class loss
 does not move the box), and the box clipped to the image and before `box_scale`, so that training and evaluation
 crop alike. It doubles the cost of a step.
-`zoom_jitter` (e.g. 0.1; training only) moves and scales each training crop at random (`jitter_boxes`): otherwise the
-crop fills with the object at one scale whatever the image's augmentation, and around training boxes that end up
-near perfect, while evaluation crops around predicted boxes with their errors.
 `view_size` lets the crop hold detail the first pass never sees: the model takes images larger than the backbone's
 size (say 448 for a 224 backbone), the first pass sees them resized to `view_size`, and the crop is cut from the
 full image; a hand half of a 448-pixel image is then seen at about its own resolution.
@@ -58,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkit.data.boxes import cxcywh_to_xyxy, jitter_boxes, scale_sizes, square_crops, xyxy_to_cxcywh
+from vitkit.data.boxes import cxcywh_to_xyxy, scale_sizes, square_crops, xyxy_to_cxcywh
 from vitkit.errors import VitkitError
 from vitkit.models.presets import preset_config
 from vitkit.models.pretrained import freeze_blocks, load_pretrained, read_state_dict
@@ -116,8 +113,7 @@ class BoxModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, hidden: int = 512,
                  dropout: float = 0.2, sigmoid: bool = True, box_head: str = "mlp", box_scale: float = 1.0,
-                 flip_tta: bool = False, region_pool: bool = False, zoom: float = 0.0, view_size: int | None = None,
-                 zoom_jitter: float = 0.0):
+                 flip_tta: bool = False, region_pool: bool = False, zoom: float = 0.0, view_size: int | None = None):
         super().__init__()
         if num_classes < 1 or hidden < 1 or not 0 <= dropout < 1:
             raise VitkitError(f"box model needs classes ≥ 1, hidden ≥ 1 and dropout in [0, 1), got {num_classes}, "
@@ -136,9 +132,6 @@ class BoxModel(nn.Module):
             raise VitkitError(f"zoom margin {zoom} would crop the object: pass a margin ≥ 1, e.g. 1.2, or 0 for none")
         if view_size is not None and view_size < 1:
             raise VitkitError(f"view size {view_size} is not positive: pass the backbone's image size, e.g. 224")
-        if zoom_jitter and not (zoom and 0 < zoom_jitter < 1):
-            raise VitkitError(f"zoom jitter {zoom_jitter} needs a zoom and a fraction in (0, 1): pass e.g. --zoom 1.2 "
-                              "--zoom-jitter 0.1, or drop it")
         if zoom and not sigmoid:
             raise VitkitError("--zoom crops around the predicted box, which needs its sizes bounded: drop --no-sigmoid")
         if zoom and region_pool:
@@ -156,7 +149,6 @@ class BoxModel(nn.Module):
         self.region_pool = bool(region_pool)
         self.zoom = float(zoom)
         self.view_size = view_size
-        self.zoom_jitter = float(zoom_jitter)
         self.classifier = _mlp(feature_dim * (2 if region_pool else 1), hidden, num_classes, dropout)
         # The mlp head's sigmoid has no weights: the same keys either way.
         self.regressor = _mlp(feature_dim, hidden, 4, dropout) if box_head == "mlp" else DenseBoxRegressor(
@@ -173,16 +165,12 @@ class BoxModel(nn.Module):
         fmap = net.layer4(net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))))))
         return fmap.mean(dim=(2, 3)), fmap.permute(0, 2, 3, 1)
 
-    def forward(self, x: Tensor, cells: bool = False, mix: tuple[Tensor, float] | None = None) -> tuple[Tensor, ...]:
+    def forward(self, x: Tensor, cells: bool = False) -> tuple[Tensor, ...]:
         """(logits, boxes); with `cells` (dense head only), also the cells' edges (B, cells, 4) (x1, y1, x2, y2) and
         centres (cells, 2), as `DenseBoxRegressor.per_cell` gives them. With `flip_tta`, in eval mode, the mean of
-        the image's and its mirror's predictions. `mix` = (perm, lam), with zoom: mixup of the crops (Zhang et al.
-        2018), the classifier reads lam × crop + (1 − lam) × crop[perm] (the boxes come from the unmixed images);
-        its targets mix the same way (vitkit.train.boxes.task_loss)."""
+        the image's and its mirror's predictions."""
         if cells and self.box_head != "dense":
             raise VitkitError("per-cell outputs exist for the dense box head only: use --box-head dense")
-        if mix is not None and not self.zoom:
-            raise VitkitError("mixup mixes the --zoom crops, which this model does not cut: add --zoom 1.2")
         if self.flip_tta and not self.training and not cells:
             # One batch of the images and their mirrors; the mirrors' boxes reflected back (cx → 1 - cx). The box
             # scale, applied to each box, commutes with the mean (it is linear in the widths and heights).
@@ -190,9 +178,9 @@ class BoxModel(nn.Module):
             boxes = boxes.unflatten(0, (2, -1))
             mirrored = torch.cat([1 - boxes[1, :, :1], boxes[1, :, 1:]], dim=1)
             return logits.unflatten(0, (2, -1)).mean(0), (boxes[0] + mirrored) / 2
-        return self.single_view(x, cells, mix)
+        return self.single_view(x, cells)
 
-    def single_view(self, x: Tensor, cells: bool = False, mix: tuple[Tensor, float] | None = None) -> tuple[Tensor, ...]:
+    def single_view(self, x: Tensor, cells: bool = False) -> tuple[Tensor, ...]:
         """`forward` on the images as given (no mirror averaging)."""
         pooled, grid = self.features(self.first_view(x))
         # The heads run in float32 even under bf16 autocast: they cost nothing, and a box coordinate in bf16 is
@@ -213,11 +201,7 @@ class BoxModel(nn.Module):
                 boxes = boxes.sigmoid() if self.sigmoid else boxes
         if self.zoom:
             # The backbone's second pass runs under the caller's autocast, as the first did.
-            crops = self.zoom_crops(x, boxes)
-            if mix is not None:
-                perm, lam = mix
-                crops = lam * crops + (1 - lam) * crops[perm]
-            class_input = self.features(crops)[0]
+            class_input = self.features(self.zoom_crops(x, boxes))[0]
         with torch.autocast(pooled.device.type, enabled=False):
             if not self.training and self.box_scale != 1:
                 boxes = scale_sizes(boxes, self.box_scale)
@@ -225,7 +209,7 @@ class BoxModel(nn.Module):
 
     def first_view(self, x: Tensor) -> Tensor:
         """The images as the first pass sees them: resized (bilinear, antialiased) to `view_size` where that is
-        set and they are larger."""
+        set and differs from their size."""
         size = self.view_size or x.shape[-1]
         if x.shape[-2:] == (size, size):
             return x
@@ -234,10 +218,8 @@ class BoxModel(nn.Module):
     def zoom_crops(self, x: Tensor, boxes: Tensor) -> Tensor:
         """The squares the classifier reads with `zoom`, resampled to the backbone's input size: around the first
         pass's `boxes` (before `box_scale`; no gradient) clipped to the image, in training as in evaluation (where
-        the dense head clips them), and moved at random in training with `zoom_jitter`."""
+        the dense head clips them)."""
         clipped = xyxy_to_cxcywh(cxcywh_to_xyxy(boxes.detach()).clamp(0, 1))
-        if self.training and self.zoom_jitter:
-            clipped = jitter_boxes(clipped, self.zoom_jitter)
         return square_crops(x, clipped, self.zoom, self.view_size or x.shape[-1])
 
     def spec(self) -> dict[str, Any]:
@@ -245,7 +227,7 @@ class BoxModel(nn.Module):
         head = {"num_classes": self.num_classes, "hidden": self.hidden, "dropout": self.dropout,
                 "sigmoid": self.sigmoid, "box_head": self.box_head, "box_scale": self.box_scale,
                 "flip_tta": self.flip_tta, "region_pool": self.region_pool, "zoom": self.zoom,
-                "view_size": self.view_size, "zoom_jitter": self.zoom_jitter}
+                "view_size": self.view_size}
         if isinstance(self.backbone, VisionTransformer):
             return {"backbone": "vit", "vit": self.backbone.cfg.to_dict(), **head}
         return {
@@ -263,8 +245,7 @@ class BoxModel(nn.Module):
         # lack their entries (and took images at the backbone's size).
         head.update(box_head=spec.get("box_head", "mlp"), box_scale=spec.get("box_scale", 1.0),
                     flip_tta=spec.get("flip_tta", False), region_pool=spec.get("region_pool", False),
-                    zoom=spec.get("zoom", 0.0), view_size=spec.get("view_size"),
-                    zoom_jitter=spec.get("zoom_jitter", 0.0))
+                    zoom=spec.get("zoom", 0.0), view_size=spec.get("view_size"))
         if spec["backbone"] == "vit":
             backbone = VisionTransformer(ViTConfig.from_dict(spec["vit"]))
             return cls(backbone, backbone.cfg.dim, **head)

@@ -114,12 +114,6 @@ class BoxTrainConfig:
     zoom: float = option(0.0, "classify a second pass of the backbone over a square crop around the predicted box, "
                               "this many times its longer side (e.g. 1.2), resized to --image-size: the object "
                               "seen larger, at twice the cost of a step (0: off)")
-    zoom_jitter: float = option(0.0, "with --zoom, in training: move each crop's centre by up to this fraction of the "
-                                     "box's longer side and scale it by up to e^±this (e.g. 0.1), so the classifier "
-                                     "sees the object off-centre and at varied sizes, as around predicted boxes (0: off)")
-    zoom_mixup: float = option(0.0, "with --zoom, in training: mixup of the crops the classifier reads, with weights "
-                                    "drawn from Beta(a, a) for this a (e.g. 0.8, DeiT's), the targets mixed alike; "
-                                    "the boxes are learnt from the unmixed images (0: off)")
     source_size: int | None = option(None, "with --zoom: load the images at this size (above --image-size, e.g. 448) "
                                            "and cut the zoom's crops from them, so the second look sees detail the "
                                            "first (the image resized to --image-size) does not; the model then "
@@ -197,12 +191,6 @@ class BoxTrainConfig:
             (not (self.zoom and self.region_pool),
              "--zoom classifies a crop around the box, --region-pool the whole image's cells where the box is: "
              "choose one"),
-            (not self.zoom_jitter or (self.zoom and 0 < self.zoom_jitter < 1),
-             f"--zoom-jitter {self.zoom_jitter} moves the --zoom crops by a fraction of the box: add --zoom 1.2 and "
-             f"pass a fraction in (0, 1), e.g. 0.1, or drop it"),
-            (self.zoom_mixup >= 0 and (not self.zoom_mixup or self.zoom),
-             f"--zoom-mixup {self.zoom_mixup} mixes the --zoom crops: add --zoom 1.2 and pass a positive a, e.g. 0.8, "
-             f"or drop it"),
             (self.source_size is None or (self.zoom and self.source_size >= self.image_size),
              f"--source-size is where --zoom cuts its crops from: add --zoom 1.2, with a size ≥ --image-size "
              f"{self.image_size}, or drop it"),
@@ -292,13 +280,9 @@ def dense_cell_loss(edges: Tensor, centres: Tensor, true: Tensor, kind: str) -> 
 
 
 def task_loss(logits: Tensor, pred: Tensor, labels: Tensor, boxes: Tensor, balance: float, kind: str,
-              label_smoothing: float = 0.0, mix: tuple[Tensor, float] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(CE / balance + box loss, CE, box loss), in float32; the CE with `label_smoothing`, and for logits of mixed
-    inputs (`mix` = (perm, lam), see BoxModel.forward) lam × CE(labels) + (1 − lam) × CE(labels[perm])."""
+              label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(CE / balance + box loss, CE, box loss), in float32; the CE with `label_smoothing`."""
     ce = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-    if mix is not None:
-        perm, lam = mix
-        ce = lam * ce + (1 - lam) * F.cross_entropy(logits.float(), labels[perm], label_smoothing=label_smoothing)
     bl = box_loss(pred.float(), boxes.float(), kind)
     return ce / balance + bl, ce, bl
 
@@ -429,7 +413,7 @@ def build_box_model(cfg: BoxTrainConfig, data: BoxDataset) -> BoxModel:
         backbone, dim = resnet18_backbone(cfg.pretrained, data.channels, cfg.cifar_stem), RESNET18_FEATURES
     scale = 1.0 if cfg.box_scale == "auto" else float(cfg.box_scale)  # auto: fitted after training
     return BoxModel(backbone, dim, data.num_classes, cfg.hidden, cfg.head_dropout, cfg.sigmoid, cfg.box_head, scale,
-                    cfg.flip_tta, cfg.region_pool, cfg.zoom, cfg.image_size, cfg.zoom_jitter)
+                    cfg.flip_tta, cfg.region_pool, cfg.zoom, cfg.image_size)
 
 
 def load_box_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[BoxModel, dict[str, Any]]:
@@ -591,13 +575,9 @@ class BoxTrainer:
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not self.progress, leave=False)
         for x, y, b in bar:
-            mix = None
-            if cfg.zoom_mixup:  # one mixing weight per batch, as Zhang et al.; the torch RNG resumes with the run
-                lam = float(torch.distributions.Beta(cfg.zoom_mixup, cfg.zoom_mixup).sample())
-                mix = torch.randperm(len(x), device=x.device), lam
             with autocast(self.device, cfg.bf16, cpu=cfg.cpu_bf16):
-                logits, pred, *cells = self.forward(x, cells=cfg.cell_loss > 0, mix=mix)
-            loss, ce, bl = task_loss(logits, pred, y, b, self.balance, cfg.box_loss, cfg.label_smoothing, mix)
+                logits, pred, *cells = self.forward(x, cells=cfg.cell_loss > 0)
+            loss, ce, bl = task_loss(logits, pred, y, b, self.balance, cfg.box_loss, cfg.label_smoothing)
             cl = dense_cell_loss(*cells, b, cfg.box_loss) if cells else torch.zeros((), device=self.device)
             loss = loss + cfg.cell_loss * cl
             self.optimizer.zero_grad(set_to_none=True)
@@ -611,8 +591,7 @@ class BoxTrainer:
                 self.scheduler.step()
             with torch.no_grad():
                 n = len(x)
-                shown = y if mix is None or mix[1] >= 0.5 else y[mix[0]]  # mixed crops: the larger share's class
-                sums[:6] += torch.stack([loss * n, ce * n, bl * n, cl * n, (logits.argmax(1) == shown).sum(),
+                sums[:6] += torch.stack([loss * n, ce * n, bl * n, cl * n, (logits.argmax(1) == y).sum(),
                                          box_iou(pred, b).sum()])
                 sums[6] += n
         # Summed over the ranks in one collective: the figures of the global batches.
