@@ -222,24 +222,6 @@ def test_zoom_classifies_a_second_pass_over_the_square_around_the_box(box_head):
     assert model.backbone.pos_embed.grad.abs().sum() > 0 and model.classifier[0].weight.grad.abs().sum() > 0
 
 
-def test_zoom_context_averages_the_log_probabilities_of_both_looks():
-    model = tiny_box_vit(box_head="dense", zoom=1.2, zoom_context=True, dropout=0.0)
-    plain = tiny_box_vit(box_head="dense", zoom=1.2, dropout=0.0)  # the same weights, without the second classifier
-    x = torch.randn(3, 3, 16, 16)
-    logits, boxes = model(x)
-    zoom_logits, expected_boxes = plain(x)
-    torch.testing.assert_close(boxes, expected_boxes)
-    context_logits = model.context_classifier(model.features(x)[0])  # the whole image's pooled feature
-    expected = (zoom_logits.log_softmax(1) + context_logits.log_softmax(1)) / 2
-    torch.testing.assert_close(logits, expected)
-    # Both classifiers and both passes learn from the class loss.
-    model.train()
-    torch.nn.functional.cross_entropy(model(x)[0], torch.tensor([0, 1, 2])).backward()
-    assert model.classifier[0].weight.grad.abs().sum() > 0 and model.context_classifier[0].weight.grad.abs().sum() > 0
-    with pytest.raises(VitkitError, match="--zoom-context adds the whole image's classifier"):
-        tiny_box_vit(zoom_context=True)
-
-
 def test_zoom_crops_around_the_box_clipped_to_the_image_in_training_as_in_evaluation():
     model = tiny_box_vit(zoom=1.2, dropout=0.0)  # mlp head: its box may leave the image; the model does not clip it
     last = model.regressor[-1]
@@ -277,7 +259,7 @@ def test_a_larger_input_is_resized_for_the_first_pass_and_the_zoom_crops_it_at_f
 def test_spec_rebuilds_the_same_architecture(backbone, box_head, region_pool, zoom):
     if backbone == "vit":
         model = tiny_box_vit(dropout=0.1, box_head=box_head, box_scale=0.95, flip_tta=True, region_pool=region_pool,
-                             zoom=zoom, view_size=16 if zoom else None, zoom_context=bool(zoom))
+                             zoom=zoom, view_size=16 if zoom else None)
     else:
         model = BoxModel(resnet18_backbone(cifar_stem=True), RESNET18_FEATURES, num_classes=3, hidden=16,
                          box_head=box_head, region_pool=region_pool, zoom=zoom)
@@ -288,7 +270,7 @@ def test_spec_rebuilds_the_same_architecture(backbone, box_head, region_pool, zo
     if backbone == "resnet18" and box_head == "mlp" and not zoom:
         # Checkpoints from before the dense head, the scale, the flip, the pool and the zoom.
         old = {k: v for k, v in model.spec().items()
-               if k not in ("box_head", "box_scale", "flip_tta", "region_pool", "zoom", "view_size", "zoom_context")}
+               if k not in ("box_head", "box_scale", "flip_tta", "region_pool", "zoom", "view_size")}
         assert BoxModel.from_spec(old).spec() == model.spec()
     size, classes = (16, 5) if backbone == "vit" else (32, 3)
     logits, boxes = model.eval()(torch.randn(2, 3, size, size))

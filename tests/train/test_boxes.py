@@ -134,8 +134,7 @@ def test_box_scale_auto_is_fitted_on_validation_and_saved_with_the_model(small_s
                                  val_fraction=0.0), tmp_path / "run")
 
 
-@pytest.mark.parametrize("head", [{}, dict(box_head="dense", region_pool=True),
-                                  dict(box_head="dense", zoom=1.2, zoom_context=True)])
+@pytest.mark.parametrize("head", [{}, dict(box_head="dense", region_pool=True), dict(box_head="dense", zoom=1.2)])
 def test_flip_tta_is_saved_with_the_model_and_used_for_the_scale_and_the_figures(small_squares, tmp_path, head):
     cfg = resume_config(small_squares, epochs=2, box_scale="auto", flip_tta=True, head_dropout=0.0, **head)
     summary = train_boxes(cfg, tmp_path, progress=False)
@@ -143,7 +142,6 @@ def test_flip_tta_is_saved_with_the_model_and_used_for_the_scale_and_the_figures
     assert model.flip_tta and info["box_model"]["flip_tta"]
     assert model.region_pool == info["box_model"]["region_pool"] == head.get("region_pool", False)
     assert model.zoom == info["box_model"]["zoom"] == head.get("zoom", 0.0)
-    assert model.zoom_context == info["box_model"]["zoom_context"] == head.get("zoom_context", False)
     val = load_box_dataset(str(small_squares), "val", 32)
     # Written out with the single-view model: each image and its mirror, the mirror's box reflected back.
     model.flip_tta, model.box_scale = False, 1.0
@@ -388,7 +386,6 @@ def test_a_resnet18_backbone_trains_and_reloads(small_squares, tmp_path, box_hea
     (dict(flip_tta=True), "--flip-tta averages each image with its mirror"),
     (dict(zoom=0.9), "--zoom 0.9 would crop the object"),
     (dict(source_size=448), "--source-size is where --zoom cuts its crops from"),
-    (dict(zoom_context=True), "--zoom-context adds the whole image's classifier"),
     (dict(zoom=1.2, source_size=112), "--source-size is where --zoom cuts its crops from"),
     (dict(box_head="dense", region_pool=True, zoom=1.2), "--zoom classifies a crop around the box, --region-pool"),
     (dict(label_smoothing=1.0), "--label-smoothing must lie in"),

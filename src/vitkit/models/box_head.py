@@ -33,9 +33,6 @@ crop alike. It doubles the cost of a step.
 `view_size` lets the crop hold detail the first pass never sees: the model takes images larger than the backbone's
 size (say 448 for a 224 backbone), the first pass sees them resized to `view_size`, and the crop is cut from the
 full image; a hand half of a 448-pixel image is then seen at about its own resolution.
-`zoom_context` adds a second classifier on the first pass's pooled feature (the whole image, the hand in its
-context); the class scores are the mean of the two classifiers' log-probabilities (a geometric-mean ensemble of the
-two looks), in training as in evaluation.
 
 `box_scale` multiplies the predicted widths and heights (about the boxes' centres) in eval mode: a correction for
 training boxes drawn looser than the ones the model is judged on (`vitkit train-boxes --box-scale auto` fits it on
@@ -116,8 +113,7 @@ class BoxModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, hidden: int = 512,
                  dropout: float = 0.2, sigmoid: bool = True, box_head: str = "mlp", box_scale: float = 1.0,
-                 flip_tta: bool = False, region_pool: bool = False, zoom: float = 0.0, view_size: int | None = None,
-                 zoom_context: bool = False):
+                 flip_tta: bool = False, region_pool: bool = False, zoom: float = 0.0, view_size: int | None = None):
         super().__init__()
         if num_classes < 1 or hidden < 1 or not 0 <= dropout < 1:
             raise VitkitError(f"box model needs classes ≥ 1, hidden ≥ 1 and dropout in [0, 1), got {num_classes}, "
@@ -138,9 +134,6 @@ class BoxModel(nn.Module):
             raise VitkitError(f"view size {view_size} is not positive: pass the backbone's image size, e.g. 224")
         if zoom and not sigmoid:
             raise VitkitError("--zoom crops around the predicted box, which needs its sizes bounded: drop --no-sigmoid")
-        if zoom_context and not zoom:
-            raise VitkitError("--zoom-context adds the whole image's classifier to the zoom's: add --zoom 1.2, or "
-                              "drop it")
         if zoom and region_pool:
             raise VitkitError("--zoom classifies a crop around the box, --region-pool the whole image's cells where "
                               "the box is: choose one")
@@ -160,8 +153,6 @@ class BoxModel(nn.Module):
         # The mlp head's sigmoid has no weights: the same keys either way.
         self.regressor = _mlp(feature_dim, hidden, 4, dropout) if box_head == "mlp" else DenseBoxRegressor(
             feature_dim, hidden, dropout)
-        self.zoom_context = bool(zoom_context)
-        self.context_classifier = _mlp(feature_dim, hidden, num_classes, dropout) if zoom_context else None
 
     def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The pooled feature (B, D) and the grid (B, rows, cols, D): a ViT's class token and patch tokens after
@@ -214,10 +205,7 @@ class BoxModel(nn.Module):
         with torch.autocast(pooled.device.type, enabled=False):
             if not self.training and self.box_scale != 1:
                 boxes = scale_sizes(boxes, self.box_scale)
-            logits = self.classifier(class_input.float())
-            if self.context_classifier is not None:
-                logits = (logits.log_softmax(1) + self.context_classifier(pooled).log_softmax(1)) / 2
-            return logits, boxes, *cell_outputs
+            return self.classifier(class_input.float()), boxes, *cell_outputs
 
     def first_view(self, x: Tensor) -> Tensor:
         """The images as the first pass sees them: resized (bilinear, antialiased) to `view_size` where that is
@@ -239,7 +227,7 @@ class BoxModel(nn.Module):
         head = {"num_classes": self.num_classes, "hidden": self.hidden, "dropout": self.dropout,
                 "sigmoid": self.sigmoid, "box_head": self.box_head, "box_scale": self.box_scale,
                 "flip_tta": self.flip_tta, "region_pool": self.region_pool, "zoom": self.zoom,
-                "view_size": self.view_size, "zoom_context": self.zoom_context}
+                "view_size": self.view_size}
         if isinstance(self.backbone, VisionTransformer):
             return {"backbone": "vit", "vit": self.backbone.cfg.to_dict(), **head}
         return {
@@ -257,8 +245,7 @@ class BoxModel(nn.Module):
         # lack their entries (and took images at the backbone's size).
         head.update(box_head=spec.get("box_head", "mlp"), box_scale=spec.get("box_scale", 1.0),
                     flip_tta=spec.get("flip_tta", False), region_pool=spec.get("region_pool", False),
-                    zoom=spec.get("zoom", 0.0), view_size=spec.get("view_size"),
-                    zoom_context=spec.get("zoom_context", False))
+                    zoom=spec.get("zoom", 0.0), view_size=spec.get("view_size"))
         if spec["backbone"] == "vit":
             backbone = VisionTransformer(ViTConfig.from_dict(spec["vit"]))
             return cls(backbone, backbone.cfg.dim, **head)

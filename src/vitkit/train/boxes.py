@@ -114,8 +114,6 @@ class BoxTrainConfig:
     zoom: float = option(0.0, "classify a second pass of the backbone over a square crop around the predicted box, "
                               "this many times its longer side (e.g. 1.2), resized to --image-size: the object "
                               "seen larger, at twice the cost of a step (0: off)")
-    zoom_context: bool = option(False, "with --zoom: a second classifier also reads the whole image's first pass; the "
-                                       "class scores are the mean of both classifiers' log-probabilities")
     source_size: int | None = option(None, "with --zoom: load the images at this size (above --image-size, e.g. 448) "
                                            "and cut the zoom's crops from them, so the second look sees detail the "
                                            "first (the image resized to --image-size) does not; the model then "
@@ -193,8 +191,6 @@ class BoxTrainConfig:
             (not (self.zoom and self.region_pool),
              "--zoom classifies a crop around the box, --region-pool the whole image's cells where the box is: "
              "choose one"),
-            (not self.zoom_context or self.zoom,
-             "--zoom-context adds the whole image's classifier to the zoom's: add --zoom 1.2, or drop it"),
             (self.source_size is None or (self.zoom and self.source_size >= self.image_size),
              f"--source-size is where --zoom cuts its crops from: add --zoom 1.2, with a size ≥ --image-size "
              f"{self.image_size}, or drop it"),
@@ -417,7 +413,7 @@ def build_box_model(cfg: BoxTrainConfig, data: BoxDataset) -> BoxModel:
         backbone, dim = resnet18_backbone(cfg.pretrained, data.channels, cfg.cifar_stem), RESNET18_FEATURES
     scale = 1.0 if cfg.box_scale == "auto" else float(cfg.box_scale)  # auto: fitted after training
     return BoxModel(backbone, dim, data.num_classes, cfg.hidden, cfg.head_dropout, cfg.sigmoid, cfg.box_head, scale,
-                    cfg.flip_tta, cfg.region_pool, cfg.zoom, cfg.image_size, cfg.zoom_context)
+                    cfg.flip_tta, cfg.region_pool, cfg.zoom, cfg.image_size)
 
 
 def load_box_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[BoxModel, dict[str, Any]]:
