@@ -302,6 +302,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class Normaliser:
+    """A checkpoint's pixel normalisation on `device`: uint8 images → the model's input, and back to [0, 1]."""
+
+    def __init__(self, info: dict[str, Any], device: Any):
+        import torch
+
+        self.device = device
+        self.mean = torch.tensor(info["mean"], device=device)[:, None, None]
+        self.std = torch.tensor(info["std"], device=device)[:, None, None]
+
+    def __call__(self, images: Any) -> Any:
+        return (images.to(self.device).float() / 255 - self.mean) / self.std
+
+    def pixels(self, x: Any) -> Any:
+        """Normalised images back to pixels in [0, 1], for pictures."""
+        return (x * self.std + self.mean).clamp(0, 1)
+
+
 def ranked_classes(probs: Any, k: int, classes: list[str]) -> list[list[dict[str, Any]]]:
     """Per image, its `k` most probable classes (at most all) as {"class", "probability"}, most probable first."""
     top_p, top_i = probs.topk(min(k, probs.shape[1]), dim=1)
@@ -364,10 +382,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     device = select_device(args.device)
     model, info = load_model(args.checkpoint, device)
     images = load_images(args.images, info["model"]["image_size"], info["model"]["in_channels"])
-    mean = torch.tensor(info["mean"], device=device)[:, None, None]
-    std = torch.tensor(info["std"], device=device)[:, None, None]
     with torch.inference_mode():
-        probs = model((images.to(device).float() / 255 - mean) / std).softmax(1).cpu()
+        probs = model(Normaliser(info, device)(images)).softmax(1).cpu()
     results = []
     for path, ranked in zip(args.images, ranked_classes(probs, args.top_k, info["classes"])):
         results.append({"image": str(path), "top": ranked})
@@ -447,10 +463,8 @@ def cmd_explain_boxes(args: argparse.Namespace) -> int:
         data = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.n])
         images, labels, true_boxes = data.images, data.labels, data.boxes
     images = images[:args.n]
-    mean = torch.tensor(info["mean"], device=device)[:, None, None]
-    std = torch.tensor(info["std"], device=device)[:, None, None]
-    x = (images.to(device).float() / 255 - mean) / std
-    explained = explain_box_model(model, x, args.method, **relevance_options(args, args.method))
+    normalise = Normaliser(info, device)
+    explained = explain_box_model(model, normalise(images), args.method, **relevance_options(args, args.method))
     probs = explained.logits.softmax(1).cpu()
     pred, boxes = probs.argmax(1), explained.boxes.cpu()
     titles, correct = [], []
@@ -467,7 +481,7 @@ def cmd_explain_boxes(args: argparse.Namespace) -> int:
                       out / f"{args.method}.png", boxes=boxes)
     figures = [f"{args.method}.png"]
     if explained.crops is not None:
-        crop_pixels = (explained.crops * std + mean).clamp(0, 1)
+        crop_pixels = normalise.pixels(explained.crops)
         crop_size = crop_pixels.shape[-1]
         plot_explanations(crop_pixels, relevance_to_image(explained.crop_relevance, (grid, grid), (crop_size,) * 2),
                           titles, correct, out / f"{args.method}-zoom.png")
@@ -501,11 +515,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     else:
         model, info, data = load_checkpoint_and_data(args, device)
     cfg = model.cfg
-    mean = torch.tensor(info["mean"], device=device)[:, None, None]
-    std = torch.tensor(info["std"], device=device)[:, None, None]
-
-    def normalise(batch: torch.Tensor) -> torch.Tensor:
-        return (batch.to(device).float() / 255 - mean) / std
+    normalise = Normaliser(info, device)
 
     def relevance(x: torch.Tensor, method: str) -> torch.Tensor:
         if method == "random":
