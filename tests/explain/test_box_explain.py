@@ -1,5 +1,7 @@
 """Explanations of a box model: each pass of its ViT backbone, explained as a plain ViT's would be."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,20 @@ def test_each_pass_is_explained_on_the_images_it_sees(method, options):
     torch.testing.assert_close(logits, model.classifier(model.features(crops)[0]))
     torch.testing.assert_close(explained.crop_relevance, patch_relevance(model.backbone, crops, method, **options))
     assert explained.relevance.shape == explained.crop_relevance.shape == (3, 16)
+
+
+def test_the_crops_are_explained_on_the_zoom_backbone_of_its_own():
+    model = tiny_box_vit(zoom=1.2).eval()
+    model.zoom_backbone = copy.deepcopy(model.backbone)
+    with torch.no_grad():  # another backbone than the first pass's
+        for p in model.zoom_backbone.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    x = torch.randn(2, 3, 16, 16)
+    explained = explain_box_model(model, x)
+    torch.testing.assert_close(explained.relevance, patch_relevance(model.backbone, x, "rollout"))
+    own = patch_relevance(model.zoom_backbone, explained.crops, "rollout")
+    torch.testing.assert_close(explained.crop_relevance, own)
+    assert not torch.allclose(own, patch_relevance(model.backbone, explained.crops, "rollout"))
 
 
 def test_without_zoom_only_the_image_is_explained():

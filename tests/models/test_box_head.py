@@ -1,5 +1,7 @@
 """The two-headed box model on a ViT and a ResNet-18 backbone: outputs, features, specs, pre-trained weights."""
 
+import copy
+
 import pytest
 import torch
 from conftest import WEIGHTS, requires_weights
@@ -222,6 +224,31 @@ def test_zoom_classifies_a_second_pass_over_the_square_around_the_box(box_head):
     assert model.backbone.pos_embed.grad.abs().sum() > 0 and model.classifier[0].weight.grad.abs().sum() > 0
 
 
+def test_a_zoom_backbone_of_its_own_reads_the_crops_and_the_first_pass_gives_the_box():
+    model = tiny_box_vit(box_head="dense", zoom=1.5, dropout=0.0)
+    x = torch.randn(3, 3, 16, 16)
+    shared_logits, shared_boxes = model(x)
+    own = copy.deepcopy(model)
+    own.zoom_backbone = copy.deepcopy(model.backbone)
+    # A copy of the first pass's backbone is the shared model, output for output.
+    torch.testing.assert_close(own(x), (shared_logits, shared_boxes))
+    with torch.no_grad():
+        own.zoom_backbone.pos_embed.add_(torch.randn_like(own.zoom_backbone.pos_embed))
+    logits, boxes = own(x)
+    torch.testing.assert_close(boxes, shared_boxes)  # its weights move the class only
+    crops = square_crops(x, boxes, 1.5, 16)
+    torch.testing.assert_close(logits, own.classifier(own.features(crops, own.zoom_backbone)[0]))
+    assert not torch.allclose(logits, shared_logits)
+    # The class loss trains the zoom's backbone and the classifier; the box's backbone and head get nothing.
+    own.train()
+    torch.nn.functional.cross_entropy(own(x)[0], torch.tensor([0, 1, 2])).backward()
+    assert all(p.grad is None or not p.grad.any()
+               for p in (*own.backbone.parameters(), *own.regressor.parameters()))
+    assert own.zoom_backbone.pos_embed.grad.abs().sum() > 0
+    with pytest.raises(VitkitError, match="a backbone of the zoom's own runs the second pass, which needs --zoom"):
+        tiny_box_vit(zoom_backbone=copy.deepcopy(model.backbone))
+
+
 def test_zoom_crops_around_the_box_clipped_to_the_image_in_training_as_in_evaluation():
     model = tiny_box_vit(zoom=1.2, dropout=0.0)  # mlp head: its box may leave the image; the model does not clip it
     last = model.regressor[-1]
@@ -252,17 +279,22 @@ def test_a_larger_input_is_resized_for_the_first_pass_and_the_zoom_crops_it_at_f
     torch.testing.assert_close(model(small)[1], expected_boxes)  # an input at the view size passes unchanged
 
 
-@pytest.mark.parametrize("backbone,box_head,region_pool,zoom", [
-    ("vit", "mlp", False, 0.0), ("vit", "dense", False, 1.2), ("vit", "dense", True, 0.0),
-    ("resnet18", "mlp", False, 0.0), ("resnet18", "dense", True, 0.0), ("resnet18", "mlp", False, 1.2),
+@pytest.mark.parametrize("backbone,box_head,region_pool,zoom,own", [
+    ("vit", "mlp", False, 0.0, False), ("vit", "dense", False, 1.2, False), ("vit", "dense", True, 0.0, False),
+    ("vit", "dense", False, 1.2, True), ("resnet18", "mlp", False, 0.0, False), ("resnet18", "dense", True, 0.0, False),
+    ("resnet18", "mlp", False, 1.2, False), ("resnet18", "mlp", False, 1.2, True),
 ])
-def test_spec_rebuilds_the_same_architecture(backbone, box_head, region_pool, zoom):
+def test_spec_rebuilds_the_same_architecture(backbone, box_head, region_pool, zoom, own):
     if backbone == "vit":
         model = tiny_box_vit(dropout=0.1, box_head=box_head, box_scale=0.95, flip_tta=True, region_pool=region_pool,
                              zoom=zoom, view_size=16 if zoom else None)
     else:
         model = BoxModel(resnet18_backbone(cifar_stem=True), RESNET18_FEATURES, num_classes=3, hidden=16,
                          box_head=box_head, region_pool=region_pool, zoom=zoom)
+    if own:
+        model.zoom_backbone = copy.deepcopy(model.backbone)
+        assert model.spec()["zoom_backbone"] == "own"
+        assert any(k.startswith("zoom_backbone.") for k in BoxModel.from_spec(model.spec()).state_dict())
     rebuilt = BoxModel.from_spec(model.spec())
     own, other = model.state_dict(), rebuilt.state_dict()
     assert own.keys() == other.keys() and all(own[k].shape == other[k].shape for k in own)
@@ -270,7 +302,7 @@ def test_spec_rebuilds_the_same_architecture(backbone, box_head, region_pool, zo
     if backbone == "resnet18" and box_head == "mlp" and not zoom:
         # Checkpoints from before the dense head, the scale, the flip, the pool and the zoom.
         old = {k: v for k, v in model.spec().items()
-               if k not in ("box_head", "box_scale", "flip_tta", "region_pool", "zoom", "view_size")}
+               if k not in ("box_head", "box_scale", "flip_tta", "region_pool", "zoom", "view_size", "zoom_backbone")}
         assert BoxModel.from_spec(old).spec() == model.spec()
     size, classes = (16, 5) if backbone == "vit" else (32, 3)
     logits, boxes = model.eval()(torch.randn(2, 3, size, size))

@@ -177,26 +177,32 @@ def resume_config(data, **overrides) -> BoxTrainConfig:
     return BoxTrainConfig(**{**base, **overrides})
 
 
-@pytest.mark.parametrize("ema,zoom", [(0.0, 0.0), (0.9, 0.0), (0.0, 1.2)], ids=["plain", "ema", "zoom"])
-def test_a_resumed_run_ends_with_the_same_weights(small_squares, tmp_path, monkeypatch, ema, zoom):
-    straight = tmp_path / "straight"
-    train_boxes(resume_config(small_squares, ema=ema, zoom=zoom), straight, progress=False)
-
-    stopped = tmp_path / "stopped"
+def stop_in_second_epoch(monkeypatch, cfg, out):
+    """Trains `cfg` into `out` until the second epoch, which is interrupted as by Ctrl-C."""
     calls = {"n": 0}
     original = BoxTrainer.train_epoch
 
-    def stop_in_second_epoch(self):
+    def interrupted(self):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
         return original(self)
 
-    monkeypatch.setattr(BoxTrainer, "train_epoch", stop_in_second_epoch)
+    monkeypatch.setattr(BoxTrainer, "train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train_boxes(resume_config(small_squares, ema=ema, zoom=zoom), stopped, progress=False)
+        train_boxes(cfg, out, progress=False)
     monkeypatch.setattr(BoxTrainer, "train_epoch", original)
-    train_boxes(resume_config(small_squares, ema=ema, zoom=zoom), stopped, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("options", [
+    {}, dict(ema=0.9), dict(zoom=1.2), dict(zoom=1.2, zoom_backbone="own", class_epochs=2, schedule="cosine"),
+], ids=["plain", "ema", "zoom", "zoom-own"])
+def test_a_resumed_run_ends_with_the_same_weights(small_squares, tmp_path, monkeypatch, options):
+    straight = tmp_path / "straight"
+    train_boxes(resume_config(small_squares, **options), straight, progress=False)
+    stopped = tmp_path / "stopped"
+    stop_in_second_epoch(monkeypatch, resume_config(small_squares, **options), stopped)
+    train_boxes(resume_config(small_squares, **options), stopped, resume=True, progress=False)
 
     a, b = load_file(str(straight / "last.safetensors")), load_file(str(stopped / "last.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -206,6 +212,36 @@ def test_a_resumed_run_ends_with_the_same_weights(small_squares, tmp_path, monke
         return [{k: v for k, v in r.items() if k not in ("epoch_seconds", "images_per_second")} for r in rows]
 
     assert figures(straight) == figures(stopped) and len(figures(straight)) == 3
+
+
+def test_past_class_epochs_the_class_stays_fixed_and_the_box_learns_on(small_squares, tmp_path, monkeypatch):
+    options = dict(epochs=3, zoom=1.2, zoom_backbone="own", class_epochs=1, schedule="cosine")
+    summary = train_boxes(resume_config(small_squares, **options), tmp_path / "run", progress=False)
+    stop_in_second_epoch(monkeypatch, resume_config(small_squares, **options), tmp_path / "one-epoch")
+    first = load_file(str(tmp_path / "one-epoch" / "last.safetensors"))  # the weights after epoch 1
+    last = load_file(str(tmp_path / "run" / "last.safetensors"))
+    start = BoxTrainer(resume_config(small_squares, **options), tmp_path / "unused", progress=False).model.state_dict()
+    class_keys = [k for k in last if k.startswith(("zoom_backbone.", "classifier."))]
+    box_keys = [k for k in last if k.startswith(("backbone.", "regressor."))]
+    assert len(class_keys) + len(box_keys) == len(last) and class_keys and box_keys
+    assert all(torch.equal(last[k], first[k]) for k in class_keys)  # fixed since epoch 1 ...
+    assert any(not torch.equal(first[k], start[k]) for k in class_keys)  # ... where it had learned
+    assert all(not torch.equal(last[k], first[k]) for k in box_keys if k.endswith("weight"))
+    # Both backbones started from the same weights; the parameters count twice.
+    assert all(torch.equal(start[k], start["zoom_" + k]) for k in start if k.startswith("backbone."))
+    assert summary["parameters"] == summary["trainable_parameters"] == sum(v.numel() for v in last.values())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert [r["class_lr"] for r in rows] == [0.0, 0.0, 0.0] and rows[1]["lr"] > 0  # the rate after each epoch
+
+
+def test_layer_decay_scales_the_zoom_backbone_as_the_first(small_squares, tmp_path):
+    cfg = resume_config(small_squares, layer_decay=0.5, zoom=1.2, zoom_backbone="own")
+    trainer = BoxTrainer(cfg, tmp_path, progress=False)
+    lr = {id(p): g["initial_lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    names = dict(trainer.model.named_parameters())
+    twins = [n for n in names if n.startswith("backbone.")]
+    assert twins and all(lr[id(names[n])] == lr[id(names["zoom_" + n])] for n in twins)
+    assert lr[id(names["zoom_backbone.blocks.0.mlp.fc1.weight"])] == pytest.approx(2e-3 * 0.5**2)
 
 
 def test_ema_checkpoints_hold_the_average_of_the_weights_after_every_step(small_squares, tmp_path):
@@ -388,6 +424,11 @@ def test_a_resnet18_backbone_trains_and_reloads(small_squares, tmp_path, box_hea
     (dict(source_size=448), "--source-size is where --zoom cuts its crops from"),
     (dict(zoom=1.2, source_size=112), "--source-size is where --zoom cuts its crops from"),
     (dict(box_head="dense", region_pool=True, zoom=1.2), "--zoom classifies a crop around the box, --region-pool"),
+    (dict(zoom=1.2, zoom_backbone="twin"), "unknown --zoom-backbone 'twin'"),
+    (dict(zoom_backbone="own"), "--zoom-backbone own gives the zoom's second pass a backbone of its own"),
+    (dict(zoom=1.2, class_epochs=5), "--class-epochs stops the class's own backbone learning early"),
+    (dict(zoom=1.2, zoom_backbone="own", epochs=10, class_epochs=11), "pass 1 to --epochs 10"),
+    (dict(zoom=1.2, zoom_backbone="own", class_epochs=5, schedule="plateau"), "--schedule plateau would override"),
     (dict(label_smoothing=1.0), "--label-smoothing must lie in"),
     (dict(box_head="dense", cell_loss=-1.0), "--cell-loss must be 0"),
     (dict(loss_balance="-1"), "neither auto nor a positive number"),

@@ -44,6 +44,26 @@ def test_scheduler_sets_the_optimizer_rate():
     assert rates == pytest.approx([0.5 * lr_factor(s, 2, cfg) for s in range(8)])
 
 
+def test_groups_apart_follow_a_schedule_of_their_own_then_stay_at_zero():
+    model = create_model("vit_digits")
+    cfg = TrainConfig(epochs=6, warmup_epochs=1, lr=0.5)
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"), apart=("head.", "norm."))
+    names = {id(p): n for n, p in model.named_parameters()}
+    apart = [g for g in optimizer.param_groups if g.get("apart")]
+    assert {names[id(p)] for g in apart for p in g["params"]} == {"head.weight", "head.bias", "norm.weight", "norm.bias"}
+    assert optimizer.param_groups[:len(optimizer.param_groups) - len(apart)] == [
+        g for g in optimizer.param_groups if not g.get("apart")]  # the others first: [0] is still the main rate
+    scheduler = build_scheduler(optimizer, 3, cfg, apart_epochs=2)
+    short = TrainConfig(epochs=2, warmup_epochs=1, lr=0.5)  # a run as long as the apart groups learn
+    for step in range(18):
+        main_rate = 0.5 * lr_factor(step, 3, cfg)
+        apart_rate = 0.5 * lr_factor(step, 3, short) if step < 6 else 0.0
+        for g in optimizer.param_groups:
+            assert g["lr"] == pytest.approx(apart_rate if g.get("apart") else main_rate), step
+        optimizer.step()
+        scheduler.step()
+
+
 def test_weight_decay_skips_norms_biases_and_embeddings():
     model = create_model("vit_digits")
     decay, no_decay = param_groups(model, 0.05)

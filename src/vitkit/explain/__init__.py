@@ -98,7 +98,7 @@ def explain_box_model(model: BoxModel, x: Tensor, method: str = "rollout", **opt
         crops = crop_relevance = None
         if model.zoom:
             crops = model.zoom_crops(x, boxes)
-            crop_relevance = patch_relevance(model.backbone, crops, method, **options)
+            crop_relevance = patch_relevance(model.zoom_pass_backbone, crops, method, **options)
     finally:
         model.train(saved[0])
         model.flip_tta, model.box_scale = saved[1], saved[2]

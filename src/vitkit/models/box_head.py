@@ -33,6 +33,10 @@ crop alike. It doubles the cost of a step.
 `view_size` lets the crop hold detail the first pass never sees: the model takes images larger than the backbone's
 size (say 448 for a 224 backbone), the first pass sees them resized to `view_size`, and the crop is cut from the
 full image; a hand half of a 448-pixel image is then seen at about its own resolution.
+`zoom_backbone` gives the second pass a backbone of its own (a copy of the first's initial weights, in the
+two-stage detectors' manner of a separate classification network): the class and the box then learn apart, each
+at its own pace, and neither's late training moves the other's features (`vitkit train-boxes --zoom-backbone own`,
+with `--class-epochs` to stop the class's learning early). Twice the weights, the same cost per image.
 
 `box_scale` multiplies the predicted widths and heights (about the boxes' centres) in eval mode: a correction for
 training boxes drawn looser than the ones the model is judged on (`vitkit train-boxes --box-scale auto` fits it on
@@ -113,7 +117,8 @@ class BoxModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, hidden: int = 512,
                  dropout: float = 0.2, sigmoid: bool = True, box_head: str = "mlp", box_scale: float = 1.0,
-                 flip_tta: bool = False, region_pool: bool = False, zoom: float = 0.0, view_size: int | None = None):
+                 flip_tta: bool = False, region_pool: bool = False, zoom: float = 0.0, view_size: int | None = None,
+                 zoom_backbone: nn.Module | None = None):
         super().__init__()
         if num_classes < 1 or hidden < 1 or not 0 <= dropout < 1:
             raise VitkitError(f"box model needs classes ≥ 1, hidden ≥ 1 and dropout in [0, 1), got {num_classes}, "
@@ -137,6 +142,9 @@ class BoxModel(nn.Module):
         if zoom and region_pool:
             raise VitkitError("--zoom classifies a crop around the box, --region-pool the whole image's cells where "
                               "the box is: choose one")
+        if zoom_backbone is not None and not zoom:
+            raise VitkitError("a backbone of the zoom's own runs the second pass, which needs --zoom: add --zoom 1.2, "
+                              "or drop --zoom-backbone own")
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.num_classes = num_classes
@@ -149,19 +157,25 @@ class BoxModel(nn.Module):
         self.region_pool = bool(region_pool)
         self.zoom = float(zoom)
         self.view_size = view_size
+        self.zoom_backbone = zoom_backbone  # None: the second pass runs `backbone`
         self.classifier = _mlp(feature_dim * (2 if region_pool else 1), hidden, num_classes, dropout)
         # The mlp head's sigmoid has no weights: the same keys either way.
         self.regressor = _mlp(feature_dim, hidden, 4, dropout) if box_head == "mlp" else DenseBoxRegressor(
             feature_dim, hidden, dropout)
 
-    def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The pooled feature (B, D) and the grid (B, rows, cols, D): a ViT's class token and patch tokens after
-        the final norm; a ResNet's pooled last feature map, and that map."""
-        if isinstance(self.backbone, VisionTransformer):
-            z, _ = self.backbone.forward_features(x)
-            side = x.shape[-1] // self.backbone.cfg.patch_size
-            return z[:, 0], z[:, self.backbone.cfg.num_prefix_tokens:].unflatten(1, (-1, side))
-        net = self.backbone
+    @property
+    def zoom_pass_backbone(self) -> nn.Module:
+        """The backbone of the zoom's second pass: its own where the model has one, else the first pass's."""
+        return self.backbone if self.zoom_backbone is None else self.zoom_backbone
+
+    def features(self, x: Tensor, backbone: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+        """The pooled feature (B, D) and the grid (B, rows, cols, D) of `backbone` (default: the first pass's): a
+        ViT's class token and patch tokens after the final norm; a ResNet's pooled last feature map, and that map."""
+        net = self.backbone if backbone is None else backbone
+        if isinstance(net, VisionTransformer):
+            z, _ = net.forward_features(x)
+            side = x.shape[-1] // net.cfg.patch_size
+            return z[:, 0], z[:, net.cfg.num_prefix_tokens:].unflatten(1, (-1, side))
         fmap = net.layer4(net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))))))
         return fmap.mean(dim=(2, 3)), fmap.permute(0, 2, 3, 1)
 
@@ -201,7 +215,7 @@ class BoxModel(nn.Module):
                 boxes = boxes.sigmoid() if self.sigmoid else boxes
         if self.zoom:
             # The backbone's second pass runs under the caller's autocast, as the first did.
-            class_input = self.features(self.zoom_crops(x, boxes))[0]
+            class_input = self.features(self.zoom_crops(x, boxes), self.zoom_pass_backbone)[0]
         with torch.autocast(pooled.device.type, enabled=False):
             if not self.training and self.box_scale != 1:
                 boxes = scale_sizes(boxes, self.box_scale)
@@ -227,7 +241,7 @@ class BoxModel(nn.Module):
         head = {"num_classes": self.num_classes, "hidden": self.hidden, "dropout": self.dropout,
                 "sigmoid": self.sigmoid, "box_head": self.box_head, "box_scale": self.box_scale,
                 "flip_tta": self.flip_tta, "region_pool": self.region_pool, "zoom": self.zoom,
-                "view_size": self.view_size}
+                "view_size": self.view_size, "zoom_backbone": "shared" if self.zoom_backbone is None else "own"}
         if isinstance(self.backbone, VisionTransformer):
             return {"backbone": "vit", "vit": self.backbone.cfg.to_dict(), **head}
         return {
@@ -241,17 +255,23 @@ class BoxModel(nn.Module):
     def from_spec(cls, spec: dict[str, Any]) -> BoxModel:
         """A freshly initialised model of `spec` (as `spec()` writes it)."""
         head = {k: spec[k] for k in ("num_classes", "hidden", "dropout", "sigmoid")}
-        # Checkpoints from before the dense head, the box scale, the flip averaging, the region pooling and the zoom
-        # lack their entries (and took images at the backbone's size).
+        # Checkpoints from before the dense head, the box scale, the flip averaging, the region pooling, the zoom and
+        # its own backbone lack their entries (and took images at the backbone's size).
         head.update(box_head=spec.get("box_head", "mlp"), box_scale=spec.get("box_scale", 1.0),
                     flip_tta=spec.get("flip_tta", False), region_pool=spec.get("region_pool", False),
                     zoom=spec.get("zoom", 0.0), view_size=spec.get("view_size"))
-        if spec["backbone"] == "vit":
-            backbone = VisionTransformer(ViTConfig.from_dict(spec["vit"]))
-            return cls(backbone, backbone.cfg.dim, **head)
-        if spec["backbone"] == "resnet18":
-            return cls(resnet18_backbone(None, spec["in_channels"], spec["cifar_stem"]), RESNET18_FEATURES, **head)
-        raise VitkitError(f"unknown box-model backbone {spec['backbone']!r}: use one of {', '.join(BACKBONES)}")
+        if spec["backbone"] not in BACKBONES:
+            raise VitkitError(f"unknown box-model backbone {spec['backbone']!r}: use one of {', '.join(BACKBONES)}")
+
+        def build() -> nn.Module:
+            if spec["backbone"] == "vit":
+                return VisionTransformer(ViTConfig.from_dict(spec["vit"]))
+            return resnet18_backbone(None, spec["in_channels"], spec["cifar_stem"])
+
+        backbone = build()
+        dim = backbone.cfg.dim if isinstance(backbone, VisionTransformer) else RESNET18_FEATURES
+        own = spec.get("zoom_backbone", "shared") == "own"
+        return cls(backbone, dim, **head, zoom_backbone=build() if own else None)
 
 
 def vit_backbone(

@@ -24,6 +24,11 @@ of its mirror, at twice the cost of a prediction.
 `--zoom 1.2` classifies a second look of the backbone at a square crop around the predicted box (see
 vitkit.models.box_head); with `--source-size 448` the images are kept at 448 pixels, the first pass sees them at
 --image-size and the crop is cut from the 448-pixel image, and the checkpoint takes images of 448 pixels.
+`--zoom-backbone own` runs that second look on a backbone of its own (a copy of the first's starting weights): the
+class loss then trains it and the classifier only, the box losses the first backbone and the box head only.
+`--class-epochs N` gives the class's parameters a schedule of N epochs (warmup and cosine, as the run's), after
+which their rate is 0 and they stay fixed while the box learns on; a small training set is memorised by the class
+long before the box is tight.
 
 A run folder holds config.json (the BoxTrainConfig, what `--resume` reads back), last.safetensors and
 best.safetensors (best by validation accuracy, then mean IoU, or the reverse; metadata task "boxes", the architecture, classes,
@@ -70,6 +75,8 @@ from vitkit.train.optim import EMA, build_optimizer, build_scheduler
 from vitkit.train.trainer import select_device
 
 BOX_LOSSES = ("mse", "smooth_l1", "giou")
+ZOOM_BACKBONES = ("shared", "own")
+CLASS_PARTS = ("zoom_backbone.", "classifier.")  # with --zoom-backbone own, what the class alone trains
 SMOOTH_L1_BETA = 0.05  # where smooth L1 turns from quadratic to linear, in box units (about 11 pixels at 224)
 SCHEDULES = ("cosine", "constant", "plateau")
 NORMALIZATIONS = ("auto", "imagenet", "dataset")
@@ -118,6 +125,12 @@ class BoxTrainConfig:
                                            "and cut the zoom's crops from them, so the second look sees detail the "
                                            "first (the image resized to --image-size) does not; the model then "
                                            "takes images of this size")
+    zoom_backbone: str = option("shared", "with --zoom: the second pass runs the first's backbone (shared), or a copy "
+                                          "of its own (own): the class and the box learn apart, twice the weights, "
+                                          "the same cost per image")
+    class_epochs: int | None = option(None, "with --zoom-backbone own: the class (the zoom's backbone and the "
+                                            "classifier) learns this many epochs, on a schedule of its own, then "
+                                            "stays fixed while the box learns on (none: every epoch)")
     sigmoid: bool = option(True, "mlp box head: sigmoid on its output, so boxes stay in [0, 1]")
     box_scale: str = option("1", "factor on predicted widths and heights at evaluation, or auto: the one that "
                                  "maximises the validation mean IoU, fitted after training (for training boxes "
@@ -194,6 +207,16 @@ class BoxTrainConfig:
             (self.source_size is None or (self.zoom and self.source_size >= self.image_size),
              f"--source-size is where --zoom cuts its crops from: add --zoom 1.2, with a size ≥ --image-size "
              f"{self.image_size}, or drop it"),
+            (self.zoom_backbone in ZOOM_BACKBONES,
+             f"unknown --zoom-backbone {self.zoom_backbone!r}: use one of {', '.join(ZOOM_BACKBONES)}"),
+            (self.zoom_backbone == "shared" or self.zoom,
+             "--zoom-backbone own gives the zoom's second pass a backbone of its own: add --zoom 1.2, or drop it"),
+            (self.class_epochs is None or (self.zoom_backbone == "own" and 1 <= self.class_epochs <= self.epochs),
+             f"--class-epochs stops the class's own backbone learning early: pass 1 to --epochs {self.epochs} with "
+             f"--zoom 1.2 --zoom-backbone own, or drop it"),
+            (self.class_epochs is None or self.schedule != "plateau",
+             "--class-epochs sets the class's own schedule, which --schedule plateau would override: use cosine or "
+             "constant, or drop --class-epochs"),
             (self.box_loss in BOX_LOSSES, f"unknown box loss {self.box_loss!r}: use one of {', '.join(BOX_LOSSES)}"),
             (self.box_scale == "auto" or _positive_number(self.box_scale),
              f"--box-scale {self.box_scale!r} is neither auto nor a positive number: pass e.g. auto, 0.95 or 1"),
@@ -412,8 +435,10 @@ def build_box_model(cfg: BoxTrainConfig, data: BoxDataset) -> BoxModel:
     else:
         backbone, dim = resnet18_backbone(cfg.pretrained, data.channels, cfg.cifar_stem), RESNET18_FEATURES
     scale = 1.0 if cfg.box_scale == "auto" else float(cfg.box_scale)  # auto: fitted after training
+    # The zoom's own backbone starts as a copy: the same pre-trained (or initial) weights and frozen blocks.
+    zoom_backbone = copy.deepcopy(backbone) if cfg.zoom_backbone == "own" else None
     return BoxModel(backbone, dim, data.num_classes, cfg.hidden, cfg.head_dropout, cfg.sigmoid, cfg.box_head, scale,
-                    cfg.flip_tta, cfg.region_pool, cfg.zoom, cfg.image_size)
+                    cfg.flip_tta, cfg.region_pool, cfg.zoom, cfg.image_size, zoom_backbone)
 
 
 def load_box_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[BoxModel, dict[str, Any]]:
@@ -486,10 +511,12 @@ class BoxTrainer:
             self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
         ) if world_size > 1 else self.model
         self.loader = self.train_loader(local_batch, rank, world_size)
-        self.optimizer = build_optimizer(self.model, cfg, self.device)
+        self.trainable_parameters = num_parameters(self.model, trainable_only=True)
+        # With --class-epochs the class's parameters are groups of their own, on a schedule of that many epochs.
+        self.optimizer = build_optimizer(self.model, cfg, self.device, CLASS_PARTS if cfg.class_epochs else ())
         # Per-step warmup (and cosine) from vitkit.train.optim; with `plateau` the per-step scheduler only warms up,
         # then ReduceLROnPlateau owns the rate (stepping both would let the first undo the second's drops).
-        self.scheduler = build_scheduler(self.optimizer, len(self.loader), cfg)
+        self.scheduler = build_scheduler(self.optimizer, len(self.loader), cfg, cfg.class_epochs)
         self.warmup_steps = round(cfg.warmup_epochs * len(self.loader))
         self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, factor=cfg.plateau_factor, patience=cfg.plateau_patience,
@@ -570,6 +597,14 @@ class BoxTrainer:
         cfg, loader = self.cfg, self.loader
         loader.set_epoch(self.epoch)
         self.model.train()
+        if cfg.class_epochs is not None and distributed.world()[1] == 1:
+            # Past --class-epochs the class's groups have a rate of 0; without their gradients a step also skips the
+            # second pass's backward. (Under torchrun they keep them: DDP expects the parameters it was built with.)
+            learning = self.epoch < cfg.class_epochs
+            for group in self.optimizer.param_groups:
+                if group.get("apart"):
+                    for p in group["params"]:
+                        p.requires_grad_(learning)
         # loss, ce, box loss, cell loss, correct, IoU, images: summed on the device, no host synchronisation per step.
         sums = torch.zeros(7, device=self.device)
         start = time.perf_counter()
@@ -604,8 +639,10 @@ class BoxTrainer:
                 f"resume from the last good epoch ({self.epoch}) with `vitkit train-boxes --resume {self.out}`"
             )
         cell = {"train_cell_loss": cl} if cfg.cell_loss else {}
+        apart = [g["lr"] for g in self.optimizer.param_groups if g.get("apart")]
+        class_lr = {"class_lr": apart[0]} if apart else {}  # the class's peak rate (--class-epochs), as lr the box's
         return {"train_loss": loss, "train_ce": ce, "train_box_loss": bl, **cell, "train_accuracy": correct,
-                "train_iou_mean": iou, "lr": self.optimizer.param_groups[0]["lr"], "epoch_seconds": elapsed,
+                "train_iou_mean": iou, "lr": self.optimizer.param_groups[0]["lr"], **class_lr, "epoch_seconds": elapsed,
                 "images_per_second": seen / elapsed}
 
     def evaluate(self, model: BoxModel, data: BoxDataset, split: str, picture: Path | None = None) -> dict[str, float]:
@@ -664,7 +701,7 @@ class BoxTrainer:
             "backbone": cfg.backbone,
             "model": cfg.pretrained or (cfg.model if cfg.backbone == "vit" else "resnet18"),
             "parameters": num_parameters(model),
-            "trainable_parameters": num_parameters(self.model, trainable_only=True),
+            "trainable_parameters": self.trainable_parameters,
             "image_size": cfg.image_size,
             "source_size": cfg.source_size or cfg.image_size,
             "box_loss": cfg.box_loss,
