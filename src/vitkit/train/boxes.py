@@ -640,7 +640,7 @@ class BoxTrainer:
             )
         cell = {"train_cell_loss": cl} if cfg.cell_loss else {}
         apart = [g["lr"] for g in self.optimizer.param_groups if g.get("apart")]
-        class_lr = {"class_lr": apart[0]} if apart else {}  # the class's peak rate (--class-epochs), as lr the box's
+        class_lr = {"class_lr": apart[0]} if apart else {}  # with --class-epochs: the class's peak rate; lr is the box's
         return {"train_loss": loss, "train_ce": ce, "train_box_loss": bl, **cell, "train_accuracy": correct,
                 "train_iou_mean": iou, "lr": self.optimizer.param_groups[0]["lr"], **class_lr, "epoch_seconds": elapsed,
                 "images_per_second": seen / elapsed}

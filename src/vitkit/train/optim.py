@@ -40,8 +40,8 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
         if not p.requires_grad:
             continue
         no_decay = p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES
-        prefix = next((prefix for prefix in prefixes if name.startswith(prefix)), None)
-        layer = depth + 1 if prefix is None else layer_index(name.removeprefix(prefix), depth)
+        vit_prefix = next((start for start in prefixes if name.startswith(start)), None)  # None: a head
+        layer = depth + 1 if vit_prefix is None else layer_index(name.removeprefix(vit_prefix), depth)
         groups.setdefault((name.startswith(apart), layer_decay ** (depth + 1 - layer), no_decay), []).append(p)
     return [
         {"params": params, "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale,
