@@ -17,6 +17,12 @@ validation IoU.
     ... --name smooth-l1-224 --set image_size=224 --set box_loss=smooth_l1 --set epochs=30
     ... --name zoom-224 --set image_size=224 --set zoom=1.2 --seeds 0 1 2 3 --jobs 4   # seeds side by side on a GPU
 
+With --class-from RUN_NAME the variant is a class stage (`vitkit train-boxes --class-from`) on the finished run
+RUNS/RUN_NAME (with --seeds, on RUN_NAME-seedN for each seed): its configuration is that run's, with the stage's
+defaults and the `--set` overrides, and the base above does not apply.
+
+    ... --name own-c20-class-stage --class-from asl224-zoom1.2-src448-own-c20 --seeds 0 1 --jobs 2
+
 With --seeds, the variant is trained once per seed (entries NAME-seedN), in child processes --jobs at a time, and
 `seed_means` in the JSON gets NAME's mean and standard deviation over the seeds. A run folder left unfinished (a
 call stopped by a time limit) is resumed when the same command runs again.
@@ -33,7 +39,9 @@ import time
 from pathlib import Path
 
 from common import RESULTS, device_and_sync, environment, parse_sets, run_children, save_report, stored_config_equals
-from vitkit.train.boxes import BoxTrainConfig, evaluate_box_model, load_box_model, prepare_box_data, train_boxes
+from vitkit.train.boxes import (
+    BoxTrainConfig, class_stage_config, evaluate_box_model, load_box_model, prepare_box_data, train_boxes,
+)
 
 BASE = dict(
     backbone="vit", freeze_blocks=0, image_size=112, lr=3e-4, epochs=24, batch_size=32, warmup_epochs=1,
@@ -53,8 +61,11 @@ AVERAGED = ("val_accuracy", "val_iou_mean", "val_iou90", "val_cross_fitted_iou_m
 def score_variant(args: argparse.Namespace, device, name: str) -> dict:
     """Train (or resume, or take the finished run of) the variant into RUNS/name and score it: its JSON entry."""
     overrides = parse_sets(args.set)
-    cfg = BoxTrainConfig(**{**BASE, "data": args.data, "pretrained": args.pretrained, "device": str(device),
-                            **overrides})
+    if args.class_from:
+        cfg = class_stage_config({"class_from": str(args.runs / args.class_from), "device": str(device), **overrides})
+    else:
+        cfg = BoxTrainConfig(**{**BASE, "data": args.data, "pretrained": args.pretrained, "device": str(device),
+                                **overrides})
     run = args.runs / name
     if (run / "config.json").is_file() and not stored_config_equals(run, cfg):
         raise SystemExit(f"{run} holds a run of another configuration: pass another --name or --runs")
@@ -111,7 +122,8 @@ def score_seeds(args: argparse.Namespace) -> dict[str, dict]:
         run_children([
             [sys.executable, __file__, "--name", name, "--data", args.data, "--pretrained", args.pretrained,
              "--device", args.device, "--runs", str(args.runs), "--out", str(out),
-             *sum((["--set", s] for s in args.set), []), "--set", f"seed={seed}"]
+             *sum((["--set", s] for s in args.set), []), "--set", f"seed={seed}",
+             *(["--class-from", f"{args.class_from}-seed{seed}"] if args.class_from else [])]
             for name, seed, out in zip(names, args.seeds, outs)
         ], jobs=args.jobs)
         return {name: json.loads(out.read_text())["variants"][name] for name, out in zip(names, outs)}
@@ -137,6 +149,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base option")
     parser.add_argument("--seeds", type=int, nargs="+", help="train the variant once per seed, as NAME-seedN, and "
                                                               "record the mean over the seeds")
+    parser.add_argument("--class-from", metavar="RUN_NAME", help="a class stage on the finished run RUNS/RUN_NAME "
+                                                               "(RUN_NAME-seedN with --seeds)")
     parser.add_argument("--jobs", type=int, default=1, help="with --seeds: runs side by side on the device")
     parser.add_argument("--runs", type=Path, default=Path("runs/asl-boxes"), help="run folders")
     parser.add_argument("--out", type=Path, help="JSON (default bench/results/asl-boxes-<device>.json)")

@@ -138,8 +138,21 @@ def test_explain_on_a_zoomed_box_checkpoint_draws_both_passes(tmp_path, capsys):
     assert json.loads((out / "files" / "summary.json").read_text())["images_shown"] == 2
 
 
+def test_a_class_stage_trains_on_the_runs_options_and_box(tmp_path):
+    data = write_yolo(tmp_path / "squares", {"train": 32, "valid": 16})
+    run = tmp_path / "run"
+    assert main(["train-boxes", "--data", str(data), *TINY, "--zoom", "1.2", "--zoom-backbone", "own", "--epochs", "2",
+                 "--class-epochs", "1", "--box-loss", "giou", "--out", str(run)]) == 0
+    stage = tmp_path / "stage"
+    assert main(["train-boxes", "--class-from", str(run), "--quiet", "--out", str(stage)]) == 0
+    saved = json.loads((stage / "config.json").read_text())
+    assert saved["class_from"] == str(run) and saved["box_loss"] == "giou" and saved["hidden"] == 32
+    assert (saved["epochs"], saved["class_epochs"], saved["select_by"]) == (1, None, "last")
+    assert main(["train-boxes", "--resume", str(stage)]) == 0  # a finished stage resumes as any run
+
+
 @pytest.mark.parametrize("problem", ["missing data", "bad label", "changed option", "classifier command",
-                                     "explain evaluate", "explain gradient"])
+                                     "explain evaluate", "explain gradient", "class stage of no run"])
 def test_user_errors_are_one_line(box_run, tmp_path, capsys, problem):
     data, out = box_run
     if problem == "missing data":
@@ -152,6 +165,8 @@ def test_user_errors_are_one_line(box_run, tmp_path, capsys, problem):
         args = ["train-boxes", "--resume", str(out), "--lr", "0.5"]
     elif problem == "classifier command":
         args = ["certify", str(out)]
+    elif problem == "class stage of no run":
+        args = ["train-boxes", "--class-from", str(tmp_path)]
     elif problem == "explain evaluate":
         args = ["explain", str(out), "--evaluate"]
     else:

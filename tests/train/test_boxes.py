@@ -14,7 +14,8 @@ from synthetic_boxes import write_yolo
 from vitkit.data.boxes import box_iou, cxcywh_to_xyxy, load_box_dataset, scale_sizes
 from vitkit.errors import VitkitError
 from vitkit.train.boxes import (
-    BOX_SCALES, SMOOTH_L1_BETA, BoxTrainConfig, BoxTrainer, box_loss, box_losses, cross_fitted_scales,
+    BOX_PARTS, BOX_SCALES, CLASS_PARTS, SMOOTH_L1_BETA, BoxTrainConfig, BoxTrainer, box_loss, box_losses,
+    class_stage_config, cross_fitted_scales,
     dense_cell_loss, evaluate_box_model, fit_box_scale, load_box_model, measure_loss_balance, predict_boxes, task_loss,
     train_boxes,
 )
@@ -234,6 +235,78 @@ def test_past_class_epochs_the_class_stays_fixed_and_the_box_learns_on(small_squ
     assert [r["class_lr"] for r in rows] == [0.0, 0.0, 0.0] and rows[1]["lr"] > 0  # the rate after each epoch
 
 
+@pytest.fixture(scope="module")
+def zoom_own_run(small_squares, tmp_path_factory):
+    """A finished --zoom-backbone own run (its class learning 1 of 2 epochs), whose box a class stage keeps."""
+    out = tmp_path_factory.mktemp("zoom-own")
+    cfg = resume_config(small_squares, epochs=2, zoom=1.2, zoom_backbone="own", class_epochs=1, schedule="cosine",
+                        ema=0.9, box_scale="auto", box_head="dense", cell_loss=1.0, loss_balance="auto")
+    return out, train_boxes(cfg, out, progress=False)
+
+
+def test_a_class_stage_takes_the_runs_options_with_its_own_defaults(zoom_own_run):
+    source, summary = zoom_own_run
+    saved = json.loads((source / "config.json").read_text())
+    cfg = class_stage_config({"class_from": str(source)})
+    # RUN's --class-epochs as --epochs, the last epoch kept, RUN's measured C; every other option RUN's.
+    assert (cfg.epochs, cfg.class_epochs, cfg.select_by) == (1, None, "last")
+    assert float(cfg.loss_balance) == summary["loss_balance"] and saved["loss_balance"] == "auto"
+    changed = {"epochs", "class_epochs", "select_by", "loss_balance", "class_from"}
+    assert {k: v for k, v in cfg.to_dict().items() if k not in changed} == {
+        k: v for k, v in saved.items() if k not in changed}
+    assert class_stage_config({"class_from": str(source), "epochs": 3, "select_by": "accuracy"}).epochs == 3
+    with pytest.raises(VitkitError, match="--class-from takes the folder of a finished"):
+        class_stage_config({"class_from": str(source / "nope")})
+    with pytest.raises(VitkitError, match="--class-from trains the class on the zoom's own backbone"):
+        class_stage_config({"class_from": str(source), "zoom_backbone": "shared"})
+
+
+def test_a_class_stage_keeps_the_runs_box_and_trains_the_class_from_its_box_backbone(zoom_own_run, tmp_path):
+    source, source_summary = zoom_own_run
+    trained = load_file(str(source / "best.safetensors"))
+    cfg = class_stage_config({"class_from": str(source), "epochs": 2})
+    trainer = BoxTrainer(cfg, tmp_path / "stage", progress=False)
+    fresh = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.start_from_box_of(source)
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    box_keys = [k for k in start if k.startswith(BOX_PARTS)]
+    class_keys = [k for k in start if k.startswith(CLASS_PARTS)]
+    assert len(box_keys) + len(class_keys) == len(start) and box_keys and class_keys
+    # The run's box, its first backbone copied into the zoom's, the classifier as initialised.
+    assert all(torch.equal(start[k], trained[k]) for k in box_keys)
+    assert all(torch.equal(start["zoom_" + k], trained[k]) for k in box_keys if k.startswith("backbone."))
+    assert all(torch.equal(start[k], fresh[k]) for k in start if k.startswith("classifier."))
+    assert trainer.trainable_parameters == sum(start[k].numel() for k in class_keys)
+
+    summary = trainer.fit()
+    for name in ("best", "last"):  # --select-by last: best is the last epoch's
+        weights = load_file(str(tmp_path / "stage" / f"{name}.safetensors"))
+        assert all(torch.equal(weights[k], trained[k]) for k in box_keys), name  # the EMA's box too: bit for bit
+        assert all(not torch.equal(weights[k], start[k]) for k in class_keys if k.endswith("weight")), name
+    assert summary["best_epoch"] == 2 and summary["class_from"] == str(source)
+    # The same boxes: the same box scale and IoU figures; the accuracy is the new class's.
+    for key in ("box_scale", "val_iou_mean", "val_iou90", "val_cross_fitted_iou_mean"):
+        assert summary[key] == source_summary[key], key
+    model, _ = load_box_model(tmp_path / "stage")
+    assert model.zoom_backbone is not None and model.box_scale == source_summary["box_scale"]
+
+
+def test_a_resumed_class_stage_ends_with_the_same_weights(zoom_own_run, tmp_path, monkeypatch):
+    source, _ = zoom_own_run
+    cfg = class_stage_config({"class_from": str(source), "epochs": 3})
+    train_boxes(cfg, tmp_path / "straight", progress=False)
+    stop_in_second_epoch(monkeypatch, cfg, tmp_path / "stopped")
+    train_boxes(cfg, tmp_path / "stopped", resume=True, progress=False)
+    a, b = (load_file(str(tmp_path / run / "last.safetensors")) for run in ("straight", "stopped"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_class_stage_refuses_a_run_whose_box_differs(zoom_own_run, tmp_path):
+    source, _ = zoom_own_run
+    with pytest.raises(VitkitError, match="box head of .* differs from this run's"):
+        train_boxes(class_stage_config({"class_from": str(source), "hidden": 32}), tmp_path / "stage", progress=False)
+
+
 def test_layer_decay_scales_the_zoom_backbone_as_the_first(small_squares, tmp_path):
     cfg = resume_config(small_squares, layer_decay=0.5, zoom=1.2, zoom_backbone="own")
     trainer = BoxTrainer(cfg, tmp_path, progress=False)
@@ -429,6 +502,8 @@ def test_a_resnet18_backbone_trains_and_reloads(small_squares, tmp_path, box_hea
     (dict(zoom=1.2, class_epochs=5), "--class-epochs stops the class's own backbone learning early"),
     (dict(zoom=1.2, zoom_backbone="own", epochs=10, class_epochs=11), "pass 1 to --epochs 10"),
     (dict(zoom=1.2, zoom_backbone="own", class_epochs=5, schedule="plateau"), "--schedule plateau would override"),
+    (dict(zoom=1.2, class_from="run"), "--class-from trains the class on the zoom's own backbone"),
+    (dict(zoom=1.2, zoom_backbone="own", class_from="run", class_epochs=5), "without --class-epochs"),
     (dict(label_smoothing=1.0), "--label-smoothing must lie in"),
     (dict(box_head="dense", cell_loss=-1.0), "--cell-loss must be 0"),
     (dict(loss_balance="-1"), "neither auto nor a positive number"),

@@ -159,9 +159,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_train_boxes(args: argparse.Namespace) -> int:
     """Seed 001: a class and a bounding box per image, on a ViT or ResNet-18 backbone."""
-    from vitkit.train.boxes import BoxTrainConfig, train_boxes
+    from vitkit.train.boxes import BoxTrainConfig, class_stage_config, train_boxes
 
-    cfg, out = config_from_flags(args, BoxTrainConfig, lambda flags: BoxTrainConfig(**flags))
+    def new(flags: dict) -> BoxTrainConfig:  # a class stage starts from its run's options
+        return class_stage_config(flags) if flags.get("class_from") else BoxTrainConfig(**flags)
+
+    cfg, out = config_from_flags(args, BoxTrainConfig, new)
     return run_training(args, train_boxes, cfg, out, f"{stem(cfg.data)}-boxes-{cfg.backbone}")
 
 

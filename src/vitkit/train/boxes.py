@@ -30,14 +30,19 @@ class loss then trains it and the classifier only, the box losses the first back
 which their rate is 0 and they stay fixed while the box learns on; a small training set is memorised by the class
 long before the box is tight.
 
+`--class-from RUN` is a class stage after such a run: RUN's box (first backbone and box head) is loaded and kept
+fixed, the zoom's backbone starts from RUN's first backbone, which has learned where the objects are and what
+their outlines look like, and the class learns alone, on a fresh classifier, from crops cut where the finished box
+points. The stage's checkpoint is a whole model: RUN's box with the new class.
+
 A run folder holds config.json (the BoxTrainConfig, what `--resume` reads back), last.safetensors and
-best.safetensors (best by validation accuracy, then mean IoU, or the reverse; metadata task "boxes", the architecture, classes,
-normalisation, image size: a checkpoint loads on its own with `load_box_model`), state.pt (exact resume at epoch
-boundaries), history.jsonl, curves.png, boxes.png and confusion.png (test predictions) and summary.json. With --ema the checkpoints, and
-the validation and test figures, are those of the exponential moving average of the weights (the train_* figures
-are the live weights'); state.pt keeps both. train_loss is the objective trained on (the smoothed CE with
---label-smoothing, plus the --cell-loss term, logged on its own as train_cell_loss); val_loss is CE / C + box loss with
-the plain CE.
+best.safetensors (by --select-by: best by validation accuracy, then mean IoU, or the reverse, or the last; metadata
+task "boxes", the architecture, classes, normalisation, image size: a checkpoint loads on its own with
+`load_box_model`), state.pt (exact resume at epoch boundaries), history.jsonl, curves.png, boxes.png and
+confusion.png (test predictions) and summary.json. With --ema the checkpoints, and the validation and test figures,
+are those of the exponential moving average of the weights (the train_* figures are the live weights'); state.pt
+keeps both. train_loss is the objective trained on (the smoothed CE with --label-smoothing, plus the --cell-loss
+term, logged on its own as train_cell_loss); val_loss is CE / C + box loss with the plain CE.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +82,8 @@ from vitkit.train.trainer import select_device
 BOX_LOSSES = ("mse", "smooth_l1", "giou")
 ZOOM_BACKBONES = ("shared", "own")
 CLASS_PARTS = ("zoom_backbone.", "classifier.")  # with --zoom-backbone own, what the class alone trains
+BOX_PARTS = ("backbone.", "regressor.")  # and what the box alone trains (what --class-from keeps fixed)
+SELECTIONS = ("accuracy", "iou", "last")
 SMOOTH_L1_BETA = 0.05  # where smooth L1 turns from quadratic to linear, in box units (about 11 pixels at 224)
 SCHEDULES = ("cosine", "constant", "plateau")
 NORMALIZATIONS = ("auto", "imagenet", "dataset")
@@ -178,8 +185,15 @@ class BoxTrainConfig:
     seed: int = option(0, "random seed (data order, augmentation, initialisation)")
     device: str = option("auto", "cuda, mps, cpu or auto")
     eval_batch_size: int = option(256, "batch size for validation and test")
-    select_by: str = option("accuracy", "best checkpoint by validation accuracy then mean IoU (accuracy), or by mean "
-                                      "IoU then accuracy (iou)")
+    select_by: str = option("accuracy", "best checkpoint by validation accuracy then mean IoU (accuracy), by mean "
+                                      "IoU then accuracy (iou), or the last epoch's (last: no choice made on the "
+                                      "validation images, whose figures then stay out of sample)")
+    class_from: str | None = option(None, "a finished run folder of --zoom with its box to keep: its backbone and box "
+                                          "head are loaded and fixed, the zoom's own backbone starts from that "
+                                          "backbone (which has learned where objects are) and the class alone "
+                                          "learns, on a fresh classifier; needs --zoom-backbone own. `vitkit "
+                                          "train-boxes --class-from RUN` takes RUN's options, with --epochs its "
+                                          "--class-epochs, --select-by last and its loss balance, unless given")
 
     def __post_init__(self) -> None:
         self.loss_balance = str(self.loss_balance)
@@ -214,6 +228,9 @@ class BoxTrainConfig:
             (self.class_epochs is None or (self.zoom_backbone == "own" and 1 <= self.class_epochs <= self.epochs),
              f"--class-epochs stops the class's own backbone learning early: pass 1 to --epochs {self.epochs} with "
              f"--zoom 1.2 --zoom-backbone own, or drop it"),
+            (self.class_from is None or (self.zoom_backbone == "own" and self.class_epochs is None),
+             "--class-from trains the class on the zoom's own backbone while the run's box stays fixed, every epoch: "
+             "pass --zoom 1.2 --zoom-backbone own, without --class-epochs"),
             (self.class_epochs is None or self.schedule != "plateau",
              "--class-epochs sets the class's own schedule, which --schedule plateau would override: use cosine or "
              "constant, or drop --class-epochs"),
@@ -233,7 +250,8 @@ class BoxTrainConfig:
             (0 <= self.ema < 1, "--ema must lie in [0, 1), e.g. 0.995 (0: off)"),
             (self.plateau_patience >= 0, "--plateau-patience must be 0 or a positive number of epochs"),
             (self.balance_batches > 0, "--balance-batches must be positive"),
-            (self.select_by in ("accuracy", "iou"), f"unknown --select-by {self.select_by!r}: use accuracy or iou"),
+            (self.select_by in SELECTIONS,
+             f"unknown --select-by {self.select_by!r}: use one of {', '.join(SELECTIONS)}"),
             (0 < self.plateau_factor < 1, "--plateau-factor must lie in (0, 1)"),
             (self.backbone == "vit" or (self.layer_decay == 1 and not self.drop_path),
              "--layer-decay and --drop-path apply to ViT backbones: drop them with --backbone resnet18"),
@@ -441,6 +459,24 @@ def build_box_model(cfg: BoxTrainConfig, data: BoxDataset) -> BoxModel:
                     cfg.flip_tta, cfg.region_pool, cfg.zoom, cfg.image_size, zoom_backbone)
 
 
+def class_stage_config(flags: dict[str, Any]) -> BoxTrainConfig:
+    """The configuration of a class stage on the run `flags["class_from"]` (see BoxTrainConfig.class_from): the
+    run's own, with --epochs its --class-epochs (else its --epochs), --select-by last and the loss balance C it
+    measured (so that its box loss and the stage's are on one scale); `flags` override any of them."""
+    run = Path(flags["class_from"])
+    if not (run / "summary.json").is_file() or not (run / "config.json").is_file():
+        raise VitkitError(f"--class-from takes the folder of a finished `vitkit train-boxes` run, and {run} holds no "
+                          "config.json and summary.json: pass such a folder (or finish the run with --resume)")
+    saved = json.loads((run / "config.json").read_text())
+    foreign = sorted(set(saved) - {f.name for f in fields(BoxTrainConfig)})
+    if foreign:
+        raise VitkitError(f"{run} is not a `vitkit train-boxes` run (its config has {', '.join(foreign[:3])}): pass "
+                          "the folder of one")
+    stage = {"epochs": saved["class_epochs"] or saved["epochs"], "class_epochs": None, "select_by": "last",
+             "loss_balance": str(read_info(run / "best.safetensors")["loss_balance"])}
+    return BoxTrainConfig(**{**saved, **stage, **flags})
+
+
 def load_box_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[BoxModel, dict[str, Any]]:
     """The model of a box checkpoint (a .safetensors file or a run folder), in eval mode, with its metadata."""
     path = resolve_checkpoint(path)
@@ -503,6 +539,10 @@ class BoxTrainer:
                               f"{len(self.data.val) if self.data.val else 0}: give it a val split (or "
                               f"--val-fraction 0.1), or pass a number such as 0.95")
         self.model = build_box_model(cfg, self.data.train).to(self.device)
+        if cfg.class_from:  # the box is the run's, fixed: only the class's parameters reach the optimiser
+            for name, p in self.model.named_parameters():
+                if name.startswith(BOX_PARTS):
+                    p.requires_grad_(False)
         # With --ema, `averaged` holds the average for evaluation and checkpoints; without, it is the model itself.
         self.ema = EMA(self.model, cfg.ema) if cfg.ema > 0 else None
         self.averaged = copy.deepcopy(self.model).requires_grad_(False) if self.ema else self.model
@@ -526,6 +566,24 @@ class BoxTrainer:
         self.best_score = (-1.0, -1.0)
         self.best_epoch = 0
         self.history: list[dict[str, Any]] = []
+
+    def start_from_box_of(self, run: str | Path) -> None:
+        """--class-from: the box (backbone and box head) of `run`'s best checkpoint into the model, and its backbone
+        into the zoom's own as the class's starting point; the classifier keeps its fresh initialisation."""
+        path = resolve_checkpoint(run)
+        box = {k: v for k, v in load_file(str(path)).items() if k.startswith(BOX_PARTS)}
+        state = self.model.state_dict()
+        if box.keys() != {k for k in state if k.startswith(BOX_PARTS)} or any(
+                v.shape != state[k].shape for k, v in box.items()):
+            raise VitkitError(f"the backbone or box head of {path} differs from this run's: keep {run}'s backbone "
+                              "and box options (--backbone, --pretrained, --patch-size, --image-size, --box-head, "
+                              "--hidden)")
+        state.update(box)
+        state.update({"zoom_" + k: v for k, v in box.items() if k.startswith("backbone.")})
+        self.model.load_state_dict(state)
+        if self.ema:  # the average starts at the loaded weights
+            self.ema = EMA(self.model, self.cfg.ema)
+            self.averaged.load_state_dict(self.model.state_dict())
 
     def train_loader(self, batch_size: int, rank: int = 0, world_size: int = 1) -> BoxLoader:
         """This rank's share of the shuffled, augmented training batches."""
@@ -597,6 +655,9 @@ class BoxTrainer:
         cfg, loader = self.cfg, self.loader
         loader.set_epoch(self.epoch)
         self.model.train()
+        if cfg.class_from:  # the fixed box predicts as in evaluation: no dropout, no batch-norm statistics updated
+            self.model.backbone.eval()
+            self.model.regressor.eval()
         if cfg.class_epochs is not None and distributed.world()[1] == 1:
             # Past --class-epochs the class's groups have a rate of 0; without their gradients a step also skips the
             # second pass's backward. (Under torchrun they keep them: DDP expects the parameters it was built with.)
@@ -653,9 +714,12 @@ class BoxTrainer:
         """Trains to the last epoch (measuring the loss balance first where it is `auto`) and writes the summary."""
         if resume:
             self.restore()
-        elif distributed.is_main():
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_json(self.out / "config.json", self.cfg.to_dict())
+        else:
+            if self.cfg.class_from:
+                self.start_from_box_of(self.cfg.class_from)
+            if distributed.is_main():
+                self.out.mkdir(parents=True, exist_ok=True)
+                write_json(self.out / "config.json", self.cfg.to_dict())
         if self.balance is None:
             # Measured by every rank on the first global batches, so all ranks (and a single process) agree on C.
             self.balance = measure_loss_balance(self.model, self.train_loader(self.cfg.batch_size), self.cfg.box_loss,
@@ -675,11 +739,11 @@ class BoxTrainer:
             self.history.append(row)
             if self.plateau is not None and self.scheduler.last_epoch >= self.warmup_steps:
                 self.plateau.step(row.get("val_loss", row["train_loss"]))
-            # Best by validation accuracy then mean IoU (or the reverse, --select-by iou); without validation data
-            # the latest weights are the result.
+            # Best by validation accuracy then mean IoU (or the reverse, --select-by iou); with --select-by last or
+            # without validation data the latest weights are the result.
             score = (row.get("val_accuracy", 0.0), row.get("val_iou_mean", 0.0))
             score = score[::-1] if self.cfg.select_by == "iou" else score
-            is_best = self.data.val is None or score > self.best_score
+            is_best = self.data.val is None or self.cfg.select_by == "last" or score > self.best_score
             if is_best:
                 self.best_score, self.best_epoch = score, self.epoch
             self.save({k: v for k, v in row.items() if k.startswith(("train_", "val_"))}, is_best)
@@ -706,6 +770,7 @@ class BoxTrainer:
             "source_size": cfg.source_size or cfg.image_size,
             "box_loss": cfg.box_loss,
             "loss_balance": self.balance,
+            "class_from": cfg.class_from,
             "device": str(self.device),
             "epochs": cfg.epochs,
             "best_epoch": self.best_epoch,
